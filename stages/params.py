@@ -1,0 +1,201 @@
+"""The one validated schema for ``params.yaml``.
+
+Every stage reads its parameters through :func:`load_params`, which validates the whole
+file before any work is done: a wrong type, a non-positive size, an unknown key or invalid
+YAML raises :class:`~stages.errors.UserError` naming the field and what it accepts.
+A stage then uses only its own group(s); ``dvc.yaml`` declares exactly those keys, and
+``tests/test_params.py`` proves the two agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from stages.errors import UserError
+
+PARAMS_FILE = "params.yaml"
+
+PositiveInt = Field(gt=0)
+
+
+class _Group(BaseModel):
+    """Base for every group: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+# --------------------------------------------------------------------------- data (ingest)
+class SyntheticParams(_Group):
+    """Size and seed of the procedurally drawn data set."""
+
+    n_train: int = Field(10_000, gt=0, description="training images (split evenly over 10 classes)")
+    n_test: int = Field(2_000, gt=0, description="test images")
+    seed: int = Field(0, ge=0)
+
+
+OFFICIAL_CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+OFFICIAL_CIFAR10_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
+
+
+class DataParams(_Group):
+    """Where ingest reads images from (``data.*``)."""
+
+    source: Literal["synthetic", "cifar10", "npz", "imagefolder"] = "synthetic"
+    path: str | None = Field(None, description="local archive, .npz or image folder")
+    url: str = OFFICIAL_CIFAR10_URL
+    sha256: str = Field(OFFICIAL_CIFAR10_SHA256, pattern=r"^[0-9a-fA-F]{64}$")
+    synthetic: SyntheticParams = SyntheticParams()
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataParams:
+        if self.source in ("npz", "imagefolder") and not self.path:
+            raise ValueError(
+                f"data.source '{self.source}' reads a local file: set data.path to it"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------- normalize
+class NormalizeParams(_Group):
+    """Validation split and recorded statistics (``normalize.*``)."""
+
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = Field(0, ge=0)
+    standardize: bool = True
+
+
+# ---------------------------------------------------------------------- train
+class TrainParams(_Group):
+    """Model and optimisation (``train.*``)."""
+
+    model: str = "seed_net"
+    device: str = "auto"
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(256, gt=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(0.003, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment_flip: bool = True
+    augment_crop: int = Field(4, ge=0, le=16, description="random-crop padding in pixels; 0 = off")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] | bool = "auto"
+    compile: Literal["auto", "on", "off"] | bool = "auto"
+    threads: int = Field(0, ge=0, description="CPU threads; 0 = auto")
+    seed: int = Field(0, ge=0)
+    nproc: int = Field(1, gt=0, description="processes (DDP) on this machine")
+    log_every: int = Field(10, gt=0, description="steps between loss-history points")
+
+
+# ---------------------------------------------------------------------- evaluate
+class EvaluateParams(_Group):
+    """Test-set evaluation (``evaluate.*``)."""
+
+    batch_size: int = Field(1000, gt=0)
+    tta_flip: bool = False
+    n_wrong: int = Field(16, ge=0, description="most confidently wrong images kept for plots")
+
+
+# ---------------------------------------------------------------------- plot
+class PlotParams(_Group):
+    """Figures (``plot.*``)."""
+
+    dpi: int = Field(120, gt=0, le=600)
+    n_images: int = Field(10, gt=0, le=64)
+    kernel_image: int = Field(0, ge=0, description="index of the test image used in the kernel demo")
+
+
+class Params(_Group):
+    """All of ``params.yaml``."""
+
+    data: DataParams = DataParams()
+    normalize: NormalizeParams = NormalizeParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    plot: PlotParams = PlotParams()
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if not str(p).startswith("function-"))
+
+
+def _accepted(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Names accepted at the level that holds ``loc[-1]``."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return []
+    return sorted(model.model_fields)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem, each naming the dotted field and what it accepts."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        name = _field_name(loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            where = _field_name(loc[:-1])
+            options = ", ".join(_accepted(Params, loc))
+            lines.append(
+                f"{source}: unknown key '{name}'"
+                + (f" in '{where}'" if where else "")
+                + (f"; accepted keys: {options}" if options else "")
+            )
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{source}: {name}: {e['msg']}{shown}")
+    return "invalid parameters:\n  " + "\n  ".join(lines)
+
+
+def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
+    """Validate an already-parsed mapping; raise UserError naming every bad field."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of groups (data, normalize, ...), "
+                        f"got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, source)) from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate ``params.yaml`` (or another file)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: parameters file not found; run from the repository root "
+                        "or pass its path") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}: invalid YAML{where}: {getattr(err, 'problem', err)}") from None
+    return parse_params(raw, str(path))
+
+
+def flatten(model: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Dotted leaf keys of a params model, as DVC names them (``train.lr``)."""
+    out: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out
