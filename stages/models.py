@@ -1,0 +1,116 @@
+"""The networks, and the model file that carries everything needed to use one.
+
+Pure PyTorch: no file I/O except :func:`save_model` / :func:`load_model`. Every model starts
+with :class:`InputNorm`, so a saved model takes raw uint8 images (N x 3 x 32 x 32) and
+inference cannot drift from training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stages.errors import UserError
+
+MODEL_FORMAT = "convflow-model/1"
+
+
+class InputNorm(nn.Module):
+    """uint8 0-255 -> float 0-1 (the tutorial's divide by 255) -> per-channel standardised.
+
+    ``mean``/``std`` are buffers, saved with the weights.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() if x.dtype == torch.uint8 else x
+        return (x / 255.0 - self.mean) / self.std
+
+
+class SeedNet(nn.Module):
+    """The tutorial's net: conv 3->6 k5, pool, conv 6->16 k5, pool, BatchNorm2d(16), fc 400-120-84-n."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.BatchNorm2d(16),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(16 * 5 * 5, 120), nn.ReLU(),
+            nn.Linear(120, 84), nn.ReLU(),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+#: name -> constructor(num_classes) of the trunk that follows InputNorm.
+ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
+    "seed_net": SeedNet,
+}
+
+
+def build_model(arch: str, num_classes: int, mean: Sequence[float],
+                std: Sequence[float]) -> nn.Sequential:
+    """``InputNorm`` followed by the named architecture."""
+    if arch not in ARCHITECTURES:
+        raise UserError(f"train.model: unknown model '{arch}'; "
+                        f"choose one of: {', '.join(sorted(ARCHITECTURES))}")
+    return nn.Sequential(InputNorm(mean, std), ARCHITECTURES[arch](num_classes))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_model(path: str | Path, model: nn.Module, *, arch: str, classes: Sequence[str],
+               mean: Sequence[float], std: Sequence[float], extra: dict[str, Any]) -> None:
+    """Write weights plus provenance; loadable with ``torch.load(weights_only=True)``.
+
+    ``extra`` holds plain data only (params that made it, data summary, metrics...).
+    """
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    model = getattr(model, "module", model)  # unwrap DDP
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    torch.save({
+        "format": MODEL_FORMAT,
+        "arch": arch,
+        "classes": list(classes),
+        "input": {"shape": [3, 32, 32], "dtype": "uint8", "layout": "NCHW", "range": [0, 255]},
+        "normalization": {"mean": [float(m) for m in mean], "std": [float(s) for s in std]},
+        "state_dict": state,
+        **extra,
+    }, path)
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu"
+               ) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a saved model (in eval mode) and return it with its metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: model file not found; run `dvc repro train` first")
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise UserError(f"{path}: not a readable convflow model ({err})") from None
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
+        raise UserError(f"{path}: not a convflow model file (format {MODEL_FORMAT} expected)")
+    norm = blob["normalization"]
+    model = build_model(blob["arch"], len(blob["classes"]), norm["mean"], norm["std"])
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    meta = {k: v for k, v in blob.items() if k != "state_dict"}
+    return model.to(map_location), meta
