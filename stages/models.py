@@ -36,7 +36,7 @@ class InputNorm(nn.Module):
 
 
 class SeedNet(nn.Module):
-    """The tutorial's net: conv 3->6 k5, pool, conv 6->16 k5, pool, BatchNorm2d(16), fc 400-120-84-n."""
+    """The tutorial's net: conv 3->6 k5, pool, conv 6->16 k5, pool, BN(16), fc 400-120-84-n."""
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
@@ -56,9 +56,70 @@ class SeedNet(nn.Module):
         return self.classifier(self.features(x))
 
 
+class ConvGroup(nn.Module):
+    """conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU (airbench's block)."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding="same", bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = nn.BatchNorm2d(c_out, momentum=0.4)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding="same", bias=False)
+        self.norm2 = nn.BatchNorm2d(c_out, momentum=0.4)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.norm1(self.pool(self.conv1(x))))
+        return self.act(self.norm2(self.conv2(x)))
+
+
+class AirNet(nn.Module):
+    """An airbench-style net: 2x2 whitening conv, three conv groups, global max-pool, linear.
+
+    After KellerJordan/cifar10-airbench: the first conv is initialised from the training
+    patches' eigenvectors (:meth:`init_whitening`) and frozen, so the later layers see
+    decorrelated input from the first step; the logits are scaled down (``1/9``) to keep the
+    early softmax soft. ``widths`` sizes it: ``air_small`` for CPUs, ``airbench`` for GPUs.
+    """
+
+    def __init__(self, num_classes: int = 10, widths: Sequence[int] = (64, 256, 256)) -> None:
+        super().__init__()
+        self.whiten = nn.Conv2d(3, 24, kernel_size=2, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        self.groups = nn.Sequential(
+            ConvGroup(24, widths[0]), ConvGroup(widths[0], widths[1]),
+            ConvGroup(widths[1], widths[2]),
+        )
+        self.head = nn.Linear(widths[2], num_classes, bias=False)
+        self.act = nn.GELU()
+        self.scale = 1 / 9
+
+    @torch.no_grad()
+    def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the frozen first conv to whiten 2x2 patches of ``images`` (already normalised)."""
+        c, h, w = images.shape[1], self.whiten.kernel_size[0], self.whiten.kernel_size[1]
+        patches = images.float().unfold(2, h, 1).unfold(3, w, 1)
+        patches = patches.transpose(1, 3).reshape(-1, c, h, w).double()
+        flat = patches.reshape(len(patches), -1)
+        cov = (flat.T @ flat) / len(flat)
+        eigval, eigvec = torch.linalg.eigh(cov)
+        eigval, eigvec = eigval.flip(0), eigvec.T.reshape(-1, c, h, w).flip(0)
+        kernels = eigvec / torch.sqrt(eigval + eps).view(-1, 1, 1, 1)
+        self.whiten.weight.copy_(torch.cat((kernels, -kernels)).float())
+        self.whiten.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.groups(self.act(self.whiten(x)))
+        x = torch.amax(x, dim=(2, 3))
+        return self.head(x) * self.scale
+
+
 #: name -> constructor(num_classes) of the trunk that follows InputNorm.
 ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
     "seed_net": SeedNet,
+    # CPU-sized: 0.29M trainable params; the GPU-sized airbench94 layout below has 1.97M
+    "air_small": lambda n: AirNet(n, widths=(32, 64, 128)),
+    "airbench": lambda n: AirNet(n, widths=(64, 256, 256)),
 }
 
 
