@@ -1,0 +1,171 @@
+"""Stage ``plot``: the tutorial's figures and the evaluation's, as PNGs in ``reports/figures``.
+
+The figures themselves are pure functions in :mod:`stages.figures`; :func:`make_figures`
+turns loaded inputs into named figures and :func:`main` reads the inputs and writes the
+PNGs atomically. The folder is declared in ``dvc.yaml`` as a DVC image plot (DVC-cached,
+so no image derived from the user's data ends up in git).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from stages import figures as F
+from stages.errors import UserError, run_cli
+from stages.evaluate import confusion_matrix
+from stages.io import atomic_dir, load_split, read_json
+from stages.models import load_model
+from stages.params import PlotParams, load_params
+
+log = logging.getLogger("convflow.plot")
+
+#: Where train's dvclive logs put the series the plots read (see dvc.yaml's train stage).
+LOSS_HISTORY = "plots/custom/loss_history.json"
+ACCURACY_SERIES = {"train": "plots/metrics/train/acc.tsv",
+                   "validation": "plots/metrics/val/acc.tsv"}
+
+
+@dataclass(frozen=True)
+class PlotInputs:
+    """Everything the figures are drawn from, already loaded."""
+
+    classes: list[str]
+    train_images: np.ndarray  # first training images, N x H x W x 3 uint8 (raw order)
+    train_labels: np.ndarray
+    test_images: np.ndarray  # test split, N x 3 x H x W uint8 (evaluate's order)
+    test_labels: np.ndarray
+    predicted: np.ndarray  # evaluate's prediction for every test image
+    wrong: list[dict[str, Any]]  # evaluate's most confidently wrong images
+    loss_history: tuple[list[float], list[float]]  # iterations, losses
+    accuracy: dict[str, tuple[list[float], list[float]]]  # split -> epochs, accuracy
+    first_filters: np.ndarray  # out x in x k x k weights of the model's first conv layer
+
+
+def nhwc(images: np.ndarray) -> np.ndarray:
+    """N x C x H x W -> N x H x W x C (for display)."""
+    return np.ascontiguousarray(np.asarray(images).transpose(0, 2, 3, 1))
+
+
+def make_figures(inp: PlotInputs, p: PlotParams) -> dict[str, Figure]:
+    """All figures, by file stem, in the order a reader should see them."""
+    if p.kernel_image >= len(inp.test_images):
+        raise UserError(f"plot.kernel_image is {p.kernel_image} but the test split has "
+                        f"{len(inp.test_images)} images: choose 0..{len(inp.test_images) - 1}")
+    n = min(p.n_images, len(inp.test_images))
+    names = inp.classes
+    first_test = nhwc(inp.test_images[:n])
+    wrong_images = nhwc(inp.test_images[[w["index"] for w in inp.wrong]]) if inp.wrong \
+        else np.zeros((0, 32, 32, 3), np.uint8)
+    k = p.kernel_image
+    return {
+        "loss_history": F.loss_history_figure(*inp.loss_history, p.dpi),
+        "accuracy": F.accuracy_figure(inp.accuracy, p.dpi),
+        "train_images": F.image_strip_figure(
+            inp.train_images[:p.n_images], [names[i] for i in inp.train_labels[:p.n_images]],
+            f"First {min(p.n_images, len(inp.train_images))} training images", p.dpi),
+        "test_predictions": F.image_strip_figure(
+            first_test, [names[i] for i in inp.predicted[:n]],
+            f"First {n} test images: predicted class (red ✗ = wrong)", p.dpi,
+            true_labels=[names[i] for i in inp.test_labels[:n]]),
+        "kernels": F.kernel_demo_figure(nhwc(inp.test_images[k:k + 1])[0], p.dpi,
+                                        f"test image {k}: {names[inp.test_labels[k]]}"),
+        "max_pooling": F.max_pooling_figure(p.dpi),
+        "confusion_matrix": F.confusion_figure(
+            confusion_matrix(inp.test_labels, inp.predicted, len(names)), names, p.dpi),
+        "filters": F.filters_figure(inp.first_filters, p.dpi),
+        "most_confident_wrong": F.wrong_grid_figure(wrong_images, inp.wrong, names, p.dpi),
+    }
+
+
+# ----------------------------------------------------------------------------- loading
+def read_series(path: Path, column: str) -> tuple[list[float], list[float]]:
+    """A dvclive TSV series (``step`` and ``column``) as two lists."""
+    if not path.is_file():
+        raise UserError(f"{path}: missing; run the train stage first (dvc repro train)")
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    if not rows or column not in rows[0] or "step" not in rows[0]:
+        raise UserError(f"{path}: expected a dvclive series with 'step' and '{column}' columns")
+    return [float(r["step"]) for r in rows], [float(r[column]) for r in rows]
+
+
+def read_loss_history(path: Path) -> tuple[list[float], list[float]]:
+    """The per-iteration loss rows train logged with ``live.log_plot("loss_history", ...)``."""
+    if not path.is_file():
+        raise UserError(f"{path}: missing; run the train stage first (dvc repro train)")
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    if not rows or not all("iteration" in r and "loss" in r for r in rows):
+        raise UserError(f"{path}: expected a list of {{'iteration', 'loss'}} rows")
+    return [float(r["iteration"]) for r in rows], [float(r["loss"]) for r in rows]
+
+
+def first_conv_weights(model: Any) -> np.ndarray:
+    """Weights of the first ``Conv2d`` in the model (out x in x k x k)."""
+    from torch import nn
+
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return module.weight.detach().cpu().numpy()
+    raise UserError("the model has no convolution layer whose filters could be drawn")
+
+
+def load_inputs(data: Path, raw: Path, model_path: Path, eval_dir: Path, live: Path,
+                n_train: int) -> PlotInputs:
+    """Read what the figures need from the pipeline's files."""
+    stats = read_json(data / "stats.json")
+    train_images, train_labels = load_split(raw / "train.npz")
+    test_images, test_labels = load_split(data / "test.npz")
+    eval_npz = eval_dir / "predictions.npz"
+    if not eval_npz.is_file():
+        raise UserError(f"{eval_npz}: missing; run the evaluate stage first (dvc repro evaluate)")
+    with np.load(eval_npz, allow_pickle=False) as npz:
+        predicted = npz["predicted"]
+        if not np.array_equal(npz["labels"], test_labels):
+            raise UserError(f"{eval_npz} does not match {data / 'test.npz'}: "
+                            "re-run evaluate (dvc repro evaluate)")
+    model, _ = load_model(model_path)
+    accuracy = {name: read_series(live / rel, "acc") for name, rel in ACCURACY_SERIES.items()
+                if name == "train" or (live / rel).is_file()}  # no val series when val is empty
+    return PlotInputs(
+        classes=list(stats["classes"]),
+        train_images=train_images[:n_train], train_labels=train_labels[:n_train],
+        test_images=test_images, test_labels=test_labels,
+        predicted=predicted, wrong=read_json(eval_dir / "wrong.json"),
+        loss_history=read_loss_history(live / LOSS_HISTORY), accuracy=accuracy,
+        first_filters=first_conv_weights(model),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m stages.plot --data D --raw D --model F --eval D --live D --out D``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="processed data folder")
+    parser.add_argument("--raw", required=True, help="raw data folder (training images)")
+    parser.add_argument("--model", required=True, help="model file (first-layer filters)")
+    parser.add_argument("--eval", required=True, help="evaluate's per-image results folder")
+    parser.add_argument("--live", required=True, help="train's dvclive folder")
+    parser.add_argument("--out", required=True, help="folder for the PNG figures")
+    args = parser.parse_args(argv)
+    p = load_params().plot
+
+    inputs = load_inputs(Path(args.data), Path(args.raw), Path(args.model), Path(args.eval),
+                         Path(args.live), p.n_images)
+    figs = make_figures(inputs, p)
+    with atomic_dir(args.out) as out:
+        for name, fig in figs.items():
+            fig.savefig(out / f"{name}.png", dpi=p.dpi)
+    log.info("wrote %d figures to %s", len(figs), args.out)
+
+
+if __name__ == "__main__":
+    run_cli(main)
