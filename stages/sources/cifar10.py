@@ -1,0 +1,125 @@
+"""The official CIFAR-10 python archive (``cifar-10-python.tar.gz``), downloaded or local.
+
+The archive is verified against ``data.sha256`` before it is opened, every tar member is
+checked (no ``..``, no absolute paths, no links), the batches are read straight from the
+archive into memory (nothing is extracted to disk) and unpickled with a restricted
+unpickler that admits only what the batches contain. A downloaded archive is kept in the
+user cache, so another project or ``dvc repro -f`` does not download it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from stages.errors import UserError
+from stages.sources import RawData
+from stages.sources.safety import cache_dir, download, iter_tar, restricted_loads, verify_sha256
+
+log = logging.getLogger("convflow.ingest")
+
+FOLDER = "cifar-10-batches-py"
+TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_BATCH = "test_batch"
+META = "batches.meta"
+_PIXELS = 3 * 32 * 32
+
+
+def locate_archive(path: str | None, url: str, sha256: str) -> Path:
+    """The verified archive: ``path`` if given, else the cached download (fetched if absent)."""
+    if path:
+        archive = Path(path).expanduser()
+        if not archive.is_file():
+            raise UserError(f"data.path: {archive} does not exist (or is not a file); set it to "
+                            "your cifar-10-python.tar.gz, or to null to download it")
+        verify_sha256(archive, sha256, "The file is corrupt or not this archive: copy or "
+                      "download it again; if it is a re-packed archive you trust, set "
+                      "data.sha256 to its sha256.")
+        return archive
+    name = Path(urlparse(url).path).name or "cifar-10-python.tar.gz"
+    cached = cache_dir() / name
+    if cached.is_file():
+        try:
+            verify_sha256(cached, sha256, "")
+            log.info("using the cached %s", cached)
+            return cached
+        except UserError as err:
+            log.warning("%s; downloading it again", err)
+    return download(url, cached, sha256)
+
+
+def decode_batch(batch: Any, what: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One unpickled batch dict -> (uint8 N x 32 x 32 x 3 images, int64 labels), validated."""
+    if not isinstance(batch, dict):
+        raise UserError(f"{what}: expected a dict, got {type(batch).__name__}")
+    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    if "data" not in batch or "labels" not in batch:
+        raise UserError(f"{what}: missing 'data' or 'labels' (has {sorted(map(str, batch))})")
+    data = batch["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != _PIXELS:
+        shape = getattr(data, "shape", None)
+        dtype = getattr(data, "dtype", type(data).__name__)
+        raise UserError(f"{what}: 'data' is {dtype} {shape}; expected uint8 (N, {_PIXELS})")
+    try:
+        labels = np.asarray(batch["labels"])
+    except Exception:  # noqa: BLE001 - ragged or odd objects
+        labels = np.asarray([], dtype=object)
+    if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{what}: 'labels' must be {len(data)} integers, got "
+                        f"{labels.dtype} {labels.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        raise UserError(f"{what}: labels range over [{labels.min()}, {labels.max()}]; "
+                        f"expected [0, {n_classes - 1}]")
+    # rows are stored channel-major (1024 R, 1024 G, 1024 B): to NHWC
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels.astype(np.int64)
+
+
+def read_archive(archive: str | Path) -> RawData:
+    """Read the batches of a CIFAR-10 python archive (already verified) into a RawData."""
+    wanted = {*TRAIN_BATCHES, TEST_BATCH, META}
+
+    def want(member: tarfile.TarInfo) -> bool:
+        p = PurePosixPath(member.name)
+        return p.parent.name == FOLDER and p.name in wanted
+
+    blobs: dict[str, Any] = {}
+    for member, data in iter_tar(archive, want):
+        if data is not None:
+            # unpickle at once so only one batch's raw bytes are held at a time
+            blobs[PurePosixPath(member.name).name] = restricted_loads(
+                data, f"{archive}: {member.name}")
+    missing = sorted(wanted - set(blobs))
+    if missing:
+        raise UserError(f"{archive}: not a CIFAR-10 python archive: no "
+                        f"{', '.join(f'{FOLDER}/{m}' for m in missing)}")
+    meta = blobs[META]
+    names = meta.get(b"label_names", meta.get("label_names")) if isinstance(meta, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, bytes | str) for n in names):
+        raise UserError(f"{archive}: {FOLDER}/{META} has no list of label_names")
+    classes = tuple(n.decode("utf-8") if isinstance(n, bytes) else n for n in names)
+    parts = [decode_batch(blobs[b], f"{archive}: {FOLDER}/{b}", len(classes))
+             for b in TRAIN_BATCHES]
+    test_images, test_labels = decode_batch(blobs[TEST_BATCH], f"{archive}: {FOLDER}/{TEST_BATCH}",
+                                            len(classes))
+    return RawData(
+        train_images=np.concatenate([p[0] for p in parts]),
+        train_labels=np.concatenate([p[1] for p in parts]),
+        test_images=test_images, test_labels=test_labels,
+        classes=classes, source="cifar10",
+    )
+
+
+def load_cifar10(path: str | None, url: str, sha256: str) -> RawData:
+    """CIFAR-10 from ``data.path`` or the (cached) download of ``data.url``, sha256-verified."""
+    archive = locate_archive(path, url, sha256)
+    data = read_archive(archive)
+    return RawData(data.train_images, data.train_labels, data.test_images, data.test_labels,
+                   data.classes, data.source,
+                   details={"archive": archive.name, "sha256": sha256.lower()})
