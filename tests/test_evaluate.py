@@ -161,7 +161,9 @@ def test_main_writes_small_committed_metrics_and_cached_rows(tmp_path: Path,
     assert summary["dataset"] == {"source": "synthetic", "n_test": 30, "n_classes": 3}
     assert summary["device"] == "cpu" and summary["tta_flip"] is False
     per_class = json.loads((tmp_path / "metrics" / "per_class.json").read_text())
-    assert list(per_class) == CLASSES
+    assert [r["class"] for r in per_class] == CLASSES
+    assert set(per_class[0]) == {"class", "precision", "recall", "f1", "support"}
+    assert sum(r["support"] for r in per_class) == 30
     confusion = json.loads((tmp_path / "metrics" / "confusion.json").read_text())
     assert np.array(confusion["matrix"]).sum() == 30 and confusion["classes"] == CLASSES
 
