@@ -12,7 +12,7 @@ import io
 import logging
 import os
 from collections import defaultdict
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
@@ -94,7 +94,7 @@ def _read_archive(archive: Path) -> list[tuple[tuple[str, ...], bytes | None]]:
 
     entries: list[tuple[tuple[str, ...], bytes | None]] = []
     for member, data in iter_tar(archive, want):
-        parts = tuple(p for p in PurePosixPath(member.name).parts if p != ".")
+        parts = tuple(p for p in member.name.split("/") if p not in ("", "."))
         if parts:
             entries.append((parts, None if member.isdir() else (data or b"")))
     return entries
@@ -108,8 +108,10 @@ def decode_images(items: list[tuple[str, bytes]], where: str) -> tuple[np.ndarra
     resized = 0
     for i, (name, data) in enumerate(items):
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                im = im.convert("RGB")
+            # only the two decoders we accept: no probing of every other format
+            with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as im:
+                if im.mode != "RGB":
+                    im = im.convert("RGB")
                 if im.size != (32, 32):
                     im = im.resize((32, 32), Image.Resampling.BILINEAR, reducing_gap=2.0)
                     resized += 1

@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Callable, Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -98,8 +98,8 @@ def download(url: str, dest: str | Path, expected_sha256: str, timeout: float = 
 def check_member(member: tarfile.TarInfo, archive: str | Path) -> None:
     """Refuse a tar member that could escape a target folder or is not a plain file/folder."""
     name = member.name
-    parts = PurePosixPath(name).parts
-    if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
         raise UserError(f"{archive}: unsafe member '{name}' (absolute path or '..'); "
                         "refusing to read this archive")
     if member.issym() or member.islnk():
