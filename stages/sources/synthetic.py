@@ -3,8 +3,7 @@
 Every colour, position, scale, rotation, the clutter and the noise are drawn independently
 of the class, so the class is not visible in an image's mean colour: a model has to learn
 shape (edges, corners, curvature, periodicity). Drawing is vectorised numpy over chunks of
-images, deterministic for a given seed, and the same image index gets the same image
-whatever the split's size (per-chunk random streams spawned from one seed).
+images, deterministic for a given seed (one random stream per chunk, spawned from it).
 """
 
 from __future__ import annotations
