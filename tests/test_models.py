@@ -1,0 +1,97 @@
+"""The networks: the tutorial's exact architecture, the stronger ones, the model file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from stages.errors import UserError
+from stages.models import ARCHITECTURES, build_model, count_parameters, load_model, save_model
+
+MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+
+
+def test_seed_net_layers_and_parameter_count() -> None:
+    model = build_model("seed_net", 10, MEAN, STD)
+    trunk = model[1]
+    shapes = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape[1:])))
+             for m in (*trunk.features, *trunk.classifier)]
+    model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    for h in hooks:
+        h.remove()
+    assert shapes == [(6, 28, 28), (6, 28, 28), (6, 14, 14),
+                      (16, 10, 10), (16, 10, 10), (16, 5, 5), (16, 5, 5),
+                      (400,), (120,), (120,), (84,), (84,), (10,)]
+    convs = [m for m in trunk.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (3, 6, (5, 5)), (6, 16, (5, 5))]
+    bn = [m for m in trunk.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bn) == 1 and count_parameters(bn[0]) == 32
+    # the tutorial's 62,006 plus BatchNorm's 32; InputNorm has buffers only
+    assert count_parameters(model) == 62_038
+
+
+def test_input_norm_makes_the_model_take_raw_uint8() -> None:
+    model = build_model("seed_net", 10, MEAN, STD)
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    scaled = (x.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(
+        1, 3, 1, 1)
+    assert torch.allclose(model[0](x), scaled)
+    model.eval()
+    assert torch.equal(model(x), model[1](scaled))
+    assert {"0.mean", "0.std"} <= set(model.state_dict())  # saved with the weights
+
+
+@pytest.mark.parametrize("arch", sorted(set(ARCHITECTURES) - {"seed_net"}))
+def test_stronger_models_run_and_learn_a_step(arch: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(arch, 10, MEAN, STD)
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(8) % 10
+    model[1].init_whitening(model[0](x))
+    out = model(x)
+    assert out.shape == (8, 10)
+    loss = nn.functional.cross_entropy(out, y)
+    loss.backward()
+    assert not model[1].whiten.weight.requires_grad  # whitening stays frozen
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_whitening_decorrelates_patches() -> None:
+    torch.manual_seed(0)
+    model = build_model("air_small", 10, MEAN, STD)
+    # correlated input: neighbouring pixels and channels share most of their value
+    base = torch.rand(64, 1, 33, 33) * 255
+    x = (base[:, :, :32, :32] * 0.8 + torch.rand(64, 3, 32, 32) * 51).to(torch.uint8)
+    z = model[0](x)
+    model[1].init_whitening(z)
+    feats = model[1].whiten(z)[:, :12]  # the first half: +eigenvectors
+    flat = feats.permute(0, 2, 3, 1).reshape(-1, 12).double()
+    cov = flat.T @ flat / len(flat)  # second moments, as init_whitening uses
+    off_diag = cov - torch.diag(torch.diag(cov))
+    assert off_diag.abs().max() < 0.01
+    assert torch.allclose(torch.diag(cov), torch.ones(12, dtype=cov.dtype), atol=0.1)
+
+
+def test_model_file_round_trip_weights_only(tmp_path: Path) -> None:
+    model = build_model("seed_net", 10, MEAN, STD)
+    path = tmp_path / "model.pt"
+    save_model(path, model, arch="seed_net", classes=[f"c{i}" for i in range(10)], mean=MEAN,
+               std=STD, extra={"params": {"lr": 0.003}})
+    blob = torch.load(path, weights_only=True)
+    assert blob["arch"] == "seed_net" and blob["params"] == {"lr": 0.003}
+    loaded, meta = load_model(path)
+    assert not loaded.training
+    assert meta["normalization"] == {"mean": MEAN, "std": STD}
+    assert meta["input"]["dtype"] == "uint8"
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_unknown_model_name_lists_the_choices() -> None:
+    with pytest.raises(UserError, match="train.model.*seed_net"):
+        build_model("resnet9000", 10, MEAN, STD)
