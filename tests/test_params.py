@@ -79,3 +79,50 @@ def test_declared_params_equal_schema_groups() -> None:
     for stage, group in groups.items():
         expected = {k for k in schema if k.split(".")[0] == group}
         assert declared[stage] == expected, stage
+
+
+# Which source files make up each stage (its module and the helpers only it uses).
+STAGE_SOURCES = {
+    "ingest": ["stages/ingest.py", "stages/sources"],
+    "normalize": ["stages/normalize.py"],
+    "train": ["stages/train.py", "stages/models.py", "stages/device.py", "stages/ddp.py"],
+    "evaluate": ["stages/evaluate.py"],
+    "plot": ["stages/plot.py", "stages/figures.py"],
+}
+GROUPS = {"ingest": "data", "normalize": "normalize", "train": "train",
+          "evaluate": "evaluate", "plot": "plot"}
+
+
+def _sources(stage: str) -> list[Path]:
+    files: list[Path] = []
+    for rel in STAGE_SOURCES[stage]:
+        path = PROJECT / rel
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.exists() else []
+    return files
+
+
+@pytest.mark.parametrize("stage", sorted(GROUPS))
+def test_code_reads_exactly_the_declared_keys(stage: str) -> None:
+    """Static proof, from the stage's source, that it reads only its group and every key of it.
+
+    A stage reads params as ``load_params().<group>``; its code then uses ``<obj>.<field>``.
+    Reading another group would let DVC miss a change; a declared key that no code reads
+    would re-run the stage for nothing.
+    """
+    import ast
+
+    groups_read: set[str] = set()
+    attrs: set[str] = set()
+    for file in _sources(stage):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Attribute):
+                attrs.add(node.attr)
+                call = node.value
+                if (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)
+                        and call.func.id == "load_params"):
+                    groups_read.add(node.attr)
+    assert groups_read == {GROUPS[stage]}, f"{stage} reads groups {groups_read}"
+    group = GROUPS[stage]
+    fields = {k.split(".")[-1] for k in flatten(Params()) if k.split(".")[0] == group}
+    unread = {f for f in fields if f not in attrs}
+    assert not unread, f"{stage} declares {group}.{sorted(unread)} but no code reads them"
