@@ -38,7 +38,8 @@ def _collect(entries: list[tuple[tuple[str, ...], bytes | None]], origin: str) -
     """Group (path parts, bytes or None for a folder) into split/class/file."""
     tops = {parts[0] for parts, _ in entries if parts}
     prefix: tuple[str, ...] = ()
-    if "train" not in tops and len(tops) == 1:
+    if "train" not in tops and len(tops) == 1 and any(
+            parts[1:2] == ("train",) for parts, _ in entries):
         prefix = (next(iter(tops)),)  # the layout inside one top-level folder
     files: _Files = {s: defaultdict(list) for s in SPLITS}
     ignored = 0
