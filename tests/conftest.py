@@ -129,3 +129,8 @@ def _torch_threads() -> None:
     except ImportError:  # pragma: no cover
         return
     torch.set_num_threads(1)
+
+
+# The Prefect flow tests (issue 5) share one real Prefect server per session; it starts
+# only when a test asks for it.
+from prefect_fixtures import prefect_api  # noqa: E402,F401

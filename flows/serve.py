@@ -1,0 +1,42 @@
+"""Serve the pipeline flow on a schedule against a Prefect server, one run at a time.
+
+``python -m flows serve --cron "0 3 * * *"`` creates (or updates) the deployment
+``convflow-pipeline/convflow`` and keeps polling for its runs until stopped (Ctrl-C pauses
+the schedule). The deployment has a concurrency limit of 1, so runs never overlap: by
+default a run that would overlap waits for the running one and then starts (ENQUEUE);
+``--collision cancel`` cancels it instead (CANCEL_NEW).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.types.entrypoint import EntrypointType
+
+from flows.pipeline import pipeline, resolve_root
+
+COLLISION = {"enqueue": ConcurrencyLimitStrategy.ENQUEUE,
+             "cancel": ConcurrencyLimitStrategy.CANCEL_NEW}
+DEPLOYMENT = "convflow"
+
+
+def serve_pipeline(root: str | None = None, cron: str | None = None,
+                   interval: float | None = None, collision: str = "enqueue",
+                   name: str = DEPLOYMENT, parameters: dict[str, Any] | None = None) -> None:
+    """Serve ``pipeline`` on ``cron`` or every ``interval`` seconds, at most one run at a time."""
+    repo_root = resolve_root(root)
+    os.chdir(repo_root)  # the runner starts each flow run from here
+    pipeline.serve(
+        name=name,
+        cron=cron,
+        interval=interval,
+        # a deployment-wide limit enforced by the server, so it also holds across restarts
+        # and several `serve` processes; the runner itself takes whatever the server releases
+        global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=COLLISION[collision]),
+        parameters={"root": str(repo_root), **(parameters or {})},
+        tags=["convflow"],
+        # import by module (the package is installed), not by a file path relative to cwd
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )

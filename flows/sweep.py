@@ -1,0 +1,145 @@
+"""A Prefect flow that sweeps a grid of parameter overrides as DVC experiments.
+
+Each point runs as ``dvc exp run --temp -S key=value ...`` (its own temporary workspace,
+so points can run side by side and the user's workspace is untouched), at most
+``max_parallel`` at a time. The experiments stay in the repository, so ``dvc exp show``,
+``dvc exp diff`` and ``dvc exp apply`` work on them afterwards; the flow publishes the
+same comparison as a Prefect table artifact.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.pipeline import (
+    _flatten,
+    _kill_group,
+    _subprocess_env,
+    error_message,
+    resolve_root,
+)
+
+
+def expand_grid(grid: dict[str, list[Any]] | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points of a sweep: the cartesian product of a {key: [values]} grid, or a list as is."""
+    if isinstance(grid, list):
+        return [dict(point) for point in grid]
+    keys = list(grid)
+    for key in keys:
+        if not isinstance(grid[key], list) or not grid[key]:
+            raise ValueError(f"sweep grid: '{key}' needs a non-empty list of values")
+    combos = itertools.product(*(grid[k] for k in keys))
+    return [dict(zip(keys, values, strict=True)) for values in combos]
+
+
+def set_args(overrides: dict[str, Any]) -> list[str]:
+    """``-S key=value`` arguments for ``dvc exp run``; values as YAML/JSON literals."""
+    args: list[str] = []
+    for key, value in overrides.items():
+        literal = value if isinstance(value, str) else json.dumps(value)
+        args += ["-S", f"{key}={literal}"]
+    return args
+
+
+@task(name="dvc-experiment", task_run_name="{name}", cache_policy=NO_CACHE)
+def run_experiment(name: str, overrides: dict[str, Any], root: str,
+                   timeout_s: float | None = None) -> dict[str, Any]:
+    """Run one sweep point as ``dvc exp run --temp``; its name, overrides and seconds."""
+    log = get_run_logger()
+    cmd = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", name,
+           *set_args(overrides)]
+    log.info("%s", " ".join(cmd[1:]))
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=root, env=_subprocess_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc, 10.0)
+        raise RuntimeError(f"experiment '{name}' timed out after {timeout_s} s") from None
+    except BaseException:
+        _kill_group(proc, 10.0)
+        raise
+    seconds = round(time.perf_counter() - start, 3)
+    for line in output.splitlines():
+        log.info("%s | %s", name, line)
+    if proc.returncode != 0:
+        raise RuntimeError(f"experiment '{name}' failed: "
+                           f"{error_message(output, proc.returncode)}")
+    return {"experiment": name, **{f"-S {k}": v for k, v in overrides.items()},
+            "seconds": seconds}
+
+
+def exp_show_rows(root: str | Path, names: set[str] | None = None) -> list[dict[str, Any]]:
+    """``dvc exp show --json`` as flat rows (experiment, rev, params, metrics)."""
+    out = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=root,
+                         env=_subprocess_env(), capture_output=True, text=True, check=True)
+    rows = []
+    for baseline in json.loads(out.stdout):
+        for group in baseline.get("experiments") or []:
+            for rev in group.get("revs") or []:
+                if names is not None and rev.get("name") not in names:
+                    continue
+                data = rev.get("data") or {}
+                row: dict[str, Any] = {"experiment": rev.get("name"),
+                                       "rev": (rev.get("rev") or "")[:7],
+                                       "baseline": (baseline.get("rev") or "")[:7]}
+                for file, entry in (data.get("metrics") or {}).items():
+                    for key, value in _flatten("", entry.get("data") or {}):
+                        row[f"{file}:{key}"] = value
+                for file, entry in (data.get("params") or {}).items():
+                    for key, value in _flatten("", entry.get("data") or {}):
+                        row[f"{file}:{key}"] = value
+                rows.append(row)
+    return rows
+
+
+@flow(name="convflow-sweep")
+def sweep(grid: dict[str, list[Any]] | list[dict[str, Any]], root: str | None = None,
+          max_parallel: int = 2, timeout_s: float | None = None,
+          name_prefix: str | None = None) -> list[dict[str, Any]]:
+    """Run every point of ``grid`` as a DVC experiment, ``max_parallel`` at a time."""
+    from prefect.runtime import flow_run
+
+    log = get_run_logger()
+    repo_root = resolve_root(root)
+    os.chdir(repo_root)
+    points = expand_grid(grid)
+    prefix = name_prefix or flow_run.name or "sweep"
+    names = [f"{prefix}-{i}" for i in range(1, len(points) + 1)]
+    log.info("%d experiments, %d at a time", len(points), max_parallel)
+    with ThreadPoolTaskRunner(max_workers=max(1, max_parallel)) as runner:
+        futures = [runner.submit(run_experiment, {"name": name, "overrides": point,
+                                                  "root": str(repo_root),
+                                                  "timeout_s": timeout_s})
+                   for name, point in zip(names, points, strict=True)]
+        for future in futures:
+            future.wait()
+        states = [future.state for future in futures]
+    failures = []
+    for state in states:
+        if not state.is_completed():
+            try:
+                state.result()
+            except Exception as exc:
+                failures.append(str(exc))
+    rows = exp_show_rows(repo_root, set(names))
+    if rows:
+        create_table_artifact(table=rows, key="convflow-sweep",
+                              description="This sweep's experiments (dvc exp show)")
+    if failures:
+        raise RuntimeError("; ".join(failures))
+    return rows

@@ -1,0 +1,121 @@
+"""Test helpers for the Prefect flows: a real Prefect server per session, and toy DVC repos.
+
+``prefect_api`` starts ``prefect server start`` on a free loopback port with its own
+``PREFECT_HOME`` (so its SQLite database and settings live in a temp folder) and analytics
+off, points this process and its subprocesses at it, and stops it at the end. It is
+imported by ``tests/conftest.py`` so that every test file shares the one server.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import dvc, git, subprocess_env
+
+SERVER_START_TIMEOUT_S = 90
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:  # noqa: S310
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a real Prefect API served by ``prefect server start`` for this session."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    isolated = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    saved = {key: os.environ.get(key) for key in isolated}
+    os.environ.update(isolated)  # for the flow-run and dvc subprocesses the tests start
+    env = subprocess_env()
+    log = open(home / "server.log", "w")  # noqa: SIM115
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+         "--port", str(port), "--no-ui", "--analytics-off"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while not _healthy(url):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("prefect server did not start:\n"
+                                   + (home / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+        # prefect may have been imported already: override its settings in-process too
+        from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_HOME: str(home)}):
+            yield url
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def py_stage(code: str) -> str:
+    """A dvc.yaml ``cmd`` that runs ``code`` with this interpreter."""
+    return f"{Path(sys.executable)} -c {_quote(code)}"
+
+
+def _quote(code: str) -> str:
+    return "'" + code.replace("'", "'\"'\"'") + "'"
+
+
+def make_toy_repo(dest: Path, stages: dict, params: dict | None = None) -> Path:
+    """A committed git + DVC repo whose dvc.yaml holds ``stages`` (tiny python -c commands)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params or {"a": {"n": 1}}))
+    (dest / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    git(dest, "init", "-q", "-b", "main")
+    dvc(dest, "init", "-q")
+    dvc(dest, "config", "core.analytics", "false")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-q", "-m", "toy pipeline")
+    return dest
+
+
+def add_stage(repo: Path, name: str, spec: dict) -> None:
+    """Append a stage to ``repo/dvc.yaml``."""
+    doc = yaml.safe_load((repo / "dvc.yaml").read_text())
+    doc["stages"][name] = spec
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def api_env() -> dict[str, str]:
+    """Subprocess environment that reaches the test's Prefect API."""
+    return subprocess_env()

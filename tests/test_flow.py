@@ -1,0 +1,189 @@
+"""The pipeline flow's own logic, against a real Prefect API, on tiny toy DVC pipelines.
+
+Toy stages (``python -c`` one-liners) keep these fast and let a test make a stage fail,
+hang or appear; ``test_flow_pipeline.py`` runs the real convflow pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+from prefect_fixtures import add_stage, make_toy_repo, py_stage
+
+WRITE_ONE = ("import yaml; n = yaml.safe_load(open('params.yaml'))['a']['n']; "
+             "open('one.txt', 'w').write(str(n))")
+COPY = "import sys, shutil; shutil.copy(sys.argv[1], sys.argv[2])"
+
+
+def copy_stage(src: str, dst: str) -> dict[str, Any]:
+    return {"cmd": f"{py_stage(COPY)} {src} {dst}", "deps": [src], "outs": [dst]}
+
+
+def toy_stages() -> dict[str, Any]:
+    return {"one": {"cmd": py_stage(WRITE_ONE), "params": ["a.n"], "outs": ["one.txt"]},
+            "two": copy_stage("one.txt", "two.txt")}
+
+
+def statuses(summary: list[dict[str, Any]]) -> dict[str, str]:
+    return {row["stage"]: row["status"] for row in summary}
+
+
+def task_runs(flow_run_id: UUID) -> dict[str, Any]:
+    """The task runs the Prefect API recorded for a flow run, by name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: run for run in runs}
+
+
+def run_flow(root: Path, **kw: Any) -> Any:
+    """Run the pipeline flow; its final state (raises nothing)."""
+    from flows.pipeline import pipeline
+
+    return pipeline(root=str(root), return_state=True, **kw)
+
+
+def test_stage_graph_comes_from_dvc_and_a_new_stage_becomes_a_task(prefect_api, tmp_path):
+    from flows.pipeline import stage_graph
+
+    repo = make_toy_repo(tmp_path / "toy", toy_stages())
+    assert [n.name for n in stage_graph(repo)] == ["one", "two"]
+
+    first = run_flow(repo)
+    assert first.is_completed()
+    assert statuses(first.result()) == {"one": "ran", "two": "ran"}
+    assert set(task_runs(first.state_details.flow_run_id)) == {"one", "two"}
+
+    # a stage added to dvc.yaml only, no code change: it is a task of the next run
+    add_stage(repo, "three", copy_stage("two.txt", "three.txt"))
+    second = run_flow(repo)
+    assert statuses(second.result()) == {"one": "up to date", "two": "up to date",
+                                         "three": "ran"}
+    runs = task_runs(second.state_details.flow_run_id)
+    assert set(runs) == {"one", "two", "three"}
+    assert all(run.state.is_completed() for run in runs.values())
+    assert (repo / "three.txt").read_text() == "1"
+
+
+def test_artifacts_hold_the_stage_summary_metrics_and_diff(prefect_api, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    stages = toy_stages()
+    stages["score"] = {
+        "cmd": py_stage("import json; n = int(open('two.txt').read()); "
+                        "json.dump({'acc': n / 10}, open('m.json', 'w'))"),
+        "deps": ["two.txt"], "metrics": [{"m.json": {"cache": False}}]}
+    repo = make_toy_repo(tmp_path / "toy", stages)
+    run_flow(repo, commit=True)  # the flow commits dvc.lock, params and metrics
+    assert "convflow: pipeline run" in os.popen(f"git -C {repo} log -1 --format=%s").read()
+    (repo / "params.yaml").write_text("a:\n  n: 7\n")
+    state = run_flow(repo)
+    assert statuses(state.result())["score"] == "ran"
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    by_key = {a.key: a for a in arts}
+    assert set(by_key) == {"convflow-stages", "convflow-metrics", "convflow-diff"}
+    assert json.loads(by_key["convflow-metrics"].data) == [
+        {"file": "m.json", "metric": "acc", "value": 0.7}]
+    diff = by_key["convflow-diff"].data
+    assert "| params.yaml | a.n | 1 | 7 |" in diff          # params vs the last commit
+    assert "| m.json | acc | 0.1 | 0.7 | 0.6 |" in diff     # metrics vs the last commit
+    assert [(r["stage"], r["status"]) for r in json.loads(by_key["convflow-stages"].data)] == [
+        ("one", "ran"), ("two", "ran"), ("score", "ran")]
+
+
+def test_failing_stage_fails_the_flow_with_its_message_and_stops_downstream(
+        prefect_api, tmp_path):
+    from flows.pipeline import StageFailed
+
+    stages = toy_stages()
+    stages["bad"] = {"cmd": py_stage(
+        "import sys; sys.stderr.write('convflow.bad: error: a.n must be 0 or more; "
+        "set it in params.yaml\\n'); sys.exit(2)"), "deps": ["one.txt"], "outs": ["bad.txt"]}
+    stages["after_bad"] = copy_stage("bad.txt", "after.txt")
+    repo = make_toy_repo(tmp_path / "toy", stages)
+
+    state = run_flow(repo, retries=2, retry_delay_s=0, retry_stages=["bad"])
+    assert state.is_failed()
+    assert "convflow.bad: error: a.n must be 0 or more; set it in params.yaml" in state.message
+    with pytest.raises(StageFailed, match="a.n must be 0 or more"):
+        state.result()
+    runs = task_runs(state.state_details.flow_run_id)
+    assert "after_bad" not in runs                  # downstream never started
+    assert runs["bad"].state.is_failed()
+    assert runs["bad"].run_count == 1               # exit 2 is a user error: no retry
+    assert runs["two"].state.is_completed()         # not downstream of 'bad': still ran
+    assert not (repo / "after.txt").exists()
+
+
+def test_transient_download_failure_is_retried_with_backoff(prefect_api, tmp_path):
+    # fails with a network error on the first attempt, succeeds on the second
+    flaky = ("import pathlib, sys; p = pathlib.Path('attempts'); "
+             "n = int(p.read_text()) + 1 if p.exists() else 1; p.write_text(str(n)); "
+             "sys.exit('ConnectionResetError: connection reset by peer') if n == 1 "
+             "else open('raw.txt', 'w').write('data')")
+    repo = make_toy_repo(tmp_path / "toy", {
+        "ingest": {"cmd": py_stage(flaky), "outs": ["raw.txt"]},
+        "next": copy_stage("raw.txt", "next.txt")})
+    state = run_flow(repo, retries=2, retry_delay_s=0)
+    assert state.is_completed(), state.message
+    assert (repo / "attempts").read_text() == "2"
+    runs = task_runs(state.state_details.flow_run_id)
+    assert runs["ingest"].run_count == 2 and runs["next"].state.is_completed()
+
+
+def test_is_transient_only_for_crashes_of_retryable_stages():
+    from flows.pipeline import is_transient
+
+    assert is_transient("ingest", 1, "urllib.error.URLError: <urlopen error timed out>", False)
+    assert is_transient("ingest", None, "", True)                  # a stalled download
+    assert not is_transient("ingest", 2, "convflow.ingest: error: bad data.source", False)
+    assert not is_transient("ingest", 1, "sha256 mismatch: got 12ab, expected 6d95", False)
+    assert not is_transient("ingest", -9, "", False)               # the OOM killer
+    assert not is_transient("train", 1, "RuntimeError: loss is not finite", False)
+    assert not is_transient("train", 1, "ConnectionResetError", False)  # not a download stage
+
+
+def test_timeout_kills_the_stage_process_group(prefect_api, tmp_path):
+    # the stage starts a grandchild that keeps writing, then hangs
+    hang = ("import subprocess, sys, time; "
+            "g = subprocess.Popen([sys.executable, '-c', "
+            "'import time\\nwhile True:\\n open(\"ticks\", \"a\").write(\"x\"); "
+            "time.sleep(0.05)']); "
+            "open('grandchild.pid', 'w').write(str(g.pid)); time.sleep(120)")
+    repo = make_toy_repo(tmp_path / "toy", {"slow": {"cmd": py_stage(hang), "outs": ["s.txt"]},
+                                            "after": copy_stage("s.txt", "a.txt")})
+    start = time.monotonic()
+    state = run_flow(repo, timeout_s=3, retries=0)
+    assert state.is_failed() and "timed out after 3" in state.message
+    assert time.monotonic() - start < 30
+    pid = int((repo / "grandchild.pid").read_text())
+    time.sleep(0.5)
+    size = (repo / "ticks").stat().st_size
+    time.sleep(1.0)
+    assert (repo / "ticks").stat().st_size == size, "an orphan kept writing"
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert "after" not in task_runs(state.state_details.flow_run_id)
+
+
+def test_flow_finds_the_root_from_any_cwd(prefect_api, tmp_path, monkeypatch):
+    repo = make_toy_repo(tmp_path / "toy", toy_stages())
+    (repo / "sub").mkdir()
+    monkeypatch.chdir(repo / "sub")  # inside the checkout, below its root
+    from flows.pipeline import pipeline
+
+    assert statuses(pipeline()) == {"one": "ran", "two": "ran"}
+    assert Path.cwd() == repo.resolve()
