@@ -1,0 +1,240 @@
+"""Train-loop benchmark: this stage's loop against the tutorial's, in one run, same threads.
+
+    python benchmarks/bench_train.py                 # 2 threads, 120 s budget each, real CIFAR-10
+    python benchmarks/bench_train.py --budget 30     # a short version while developing
+    python benchmarks/bench_train.py --gpu           # CUDA: epoch time, time to accuracy
+
+The reference is written the way the tutorial does it: float32 NCHW tensors in memory
+(``X / 255``), ``TensorDataset`` + ``DataLoader(batch_size=64, shuffle=True)``, the seed net,
+Adam 1e-3, no augmentation. Both train for the same wall-clock budget on the 50,000 real
+training images (``../shared/data/cifar10-jpeg.tar.gz``, decoded once by the ingest
+stage's imagefolder reader and cached under ``bench-out/``; synthetic CIFAR-sized data
+where the archive is absent) and are scored on the 10,000 test images. Printed: images/s
+of each and their ratio, test accuracy of each (ours also with flip test-time
+augmentation), and the wall time each took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stages.models import SeedNet  # noqa: E402
+from stages.params import TrainParams  # noqa: E402
+from stages.train import Dataset, Settings, evaluate, fit  # noqa: E402
+
+SHARED_JPEG = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+CACHE = ROOT / "bench-out" / "cifar10-jpeg.npz"
+
+#: The documented CPU recipe for the seed net (docs/readme/training.md); its epochs are
+#: fitted to the budget from a short calibration run.
+CPU_RECIPE = dict(model="seed_net", batch_size=256, optimizer="adam", lr=0.004,
+                  weight_decay=5e-4, schedule="onecycle", label_smoothing=0.1,
+                  augment_flip=True, augment_crop=2, precision="fp32", channels_last="on",
+                  compile="off", seed=0, log_every=50)
+
+
+# ------------------------------------------------------------------------------- data
+def load_data(archive: Path) -> tuple[np.ndarray, ...]:
+    """(train_x, train_y, test_x, test_y) with images uint8 N x 3 x 32 x 32; cached."""
+    if CACHE.is_file():
+        with np.load(CACHE, allow_pickle=False) as z:
+            return z["train_x"], z["train_y"], z["test_x"], z["test_y"]
+    if archive.is_file():
+        from stages.sources.imagefolder import load_imagefolder
+
+        t0 = time.perf_counter()
+        raw = load_imagefolder(str(archive))
+        print(f"decoded {archive.name} in {time.perf_counter() - t0:.0f} s")
+        out = (raw.train_images.transpose(0, 3, 1, 2), raw.train_labels,
+               raw.test_images.transpose(0, 3, 1, 2), raw.test_labels)
+        out = tuple(np.ascontiguousarray(a) for a in out)
+        CACHE.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(CACHE, train_x=out[0], train_y=out[1], test_x=out[2], test_y=out[3])
+        return out
+    print(f"{archive} not found: using synthetic CIFAR-sized data (accuracies not comparable)")
+    from stages.sources.synthetic import generate
+
+    tx, ty = generate(50_000, 0, "train")
+    vx, vy = generate(10_000, 0, "test")
+    return (np.ascontiguousarray(tx.transpose(0, 3, 1, 2)), ty,
+            np.ascontiguousarray(vx.transpose(0, 3, 1, 2)), vy)
+
+
+def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
+    xf = x.reshape(len(x), 3, -1).astype(np.float64) / 255
+    return xf.mean(axis=(0, 2)).tolist(), xf.std(axis=(0, 2)).tolist()
+
+
+# ------------------------------------------------------------------------------- reference
+def reference(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+              test_y: np.ndarray, budget: float) -> dict[str, float]:
+    """The tutorial's loop: float32 tensors, DataLoader batch 64, Adam 1e-3, until the budget."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x = torch.tensor(train_x, dtype=torch.float32) / 255.0
+    y = torch.tensor(train_y, dtype=torch.long)
+    loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
+    net = SeedNet(10)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    seen, t0 = 0, time.perf_counter()
+    done = False
+    while not done:
+        for xb, yb in loader:
+            loss = F.cross_entropy(net(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            seen += len(xb)
+            if time.perf_counter() - t0 >= budget:
+                done = True
+                break
+    seconds = time.perf_counter() - t0
+    net.eval()
+    with torch.no_grad():
+        xt = torch.tensor(test_x, dtype=torch.float32) / 255.0
+        pred = torch.cat([net(xt[i:i + 1000]).argmax(1) for i in range(0, len(xt), 1000)])
+    return {"img_per_s": seen / seconds, "seconds": seconds, "epochs": seen / len(x),
+            "test_acc": float((pred.numpy() == test_y).mean())}
+
+
+# ------------------------------------------------------------------------------- ours
+def ours(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+         budget: float, recipe: dict, device: torch.device, epochs: int | None = None
+         ) -> dict[str, float]:
+    """The stage's fit() with ``recipe``; epochs fitted to ``budget`` unless given."""
+    mean, std = channel_stats(train_x)
+    classes = [str(i) for i in range(10)]
+    empty = train_x[:0]
+    data = Dataset(train_x, train_y, empty, train_y[:0], classes, mean, std)
+    if epochs is None:
+        # calibrate on a slice: one short epoch gives the loop's images/s on this machine
+        probe = Dataset(train_x[:8192], train_y[:8192], empty, train_y[:0], classes, mean, std)
+        t0 = time.perf_counter()
+        fit(TrainParams(**{**recipe, "epochs": 1}), probe, device)
+        rate = 8192 // recipe["batch_size"] * recipe["batch_size"] / (time.perf_counter() - t0)
+        epochs = max(1, math.floor(budget * rate * 0.97 / len(train_x)))
+        print(f"calibration: ~{rate:,.0f} img/s -> {epochs} epochs in the budget")
+    p = TrainParams(**{**recipe, "epochs": epochs})
+    t0 = time.perf_counter()
+    result = fit(p, data, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    steps = len(train_x) // min(p.batch_size, len(train_x))
+    seen = steps * p.batch_size * epochs
+    model = result.model.eval()
+    xt = torch.from_numpy(test_x).to(device)
+    yt = torch.from_numpy(np.asarray(test_y, np.int64)).to(device)
+    settings = Settings("fp32", result.settings.channels_last, False)
+    _, acc = evaluate(model, xt, yt, settings)
+    with torch.no_grad():
+        logits = torch.cat([model(xt[i:i + 1000]).float().softmax(1)
+                            + model(xt[i:i + 1000].flip(3)).float().softmax(1)
+                            for i in range(0, len(xt), 1000)])
+    tta = float((logits.argmax(1) == yt).float().mean())
+    return {"img_per_s": seen / seconds, "seconds": seconds, "epochs": epochs,
+            "test_acc": acc, "test_acc_flip_tta": tta}
+
+
+# ------------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", type=float, default=120.0, help="training seconds for each loop")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for both loops")
+    ap.add_argument("--data", type=Path, default=SHARED_JPEG, help="CIFAR-10 JPEG archive")
+    ap.add_argument("--epochs", type=int, help="fix our epochs instead of fitting the budget")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="override recipe params, e.g. lr=0.005 batch_size=512")
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--gpu", action="store_true", help="CUDA mode (see docs/readme/training.md)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    train_x, train_y, test_x, test_y = load_data(args.data)
+    recipe = dict(CPU_RECIPE)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        recipe[key] = json.loads(value) if value[:1] in "0123456789.-[{tf" else value
+    results: dict[str, dict] = {"threads": {"n": args.threads}}
+    if args.gpu:
+        results.update(gpu_mode(train_x, train_y, test_x, test_y))
+    else:
+        device = torch.device("cpu")
+        if not args.skip_reference:
+            results["reference"] = reference(train_x, train_y, test_x, test_y, args.budget)
+            print("reference:", _fmt(results["reference"]), flush=True)
+        results["ours"] = ours(train_x, train_y, test_x, test_y, args.budget, recipe, device,
+                               args.epochs)
+        results["ours"]["recipe"] = recipe
+        print("ours:     ", _fmt(results["ours"]))
+        if "reference" in results:
+            ratio = results["ours"]["img_per_s"] / results["reference"]["img_per_s"]
+            results["speedup"] = {"img_per_s_ratio": ratio}
+            print(f"speed-up: {ratio:.2f}x images/s at {args.threads} thread(s); "
+                  f"test acc {results['reference']['test_acc']:.4f} -> "
+                  f"{results['ours']['test_acc']:.4f} "
+                  f"({results['ours']['test_acc_flip_tta']:.4f} with flip TTA)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _fmt(r: dict) -> str:
+    return "  ".join(f"{k} {v:,.4g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in r.items() if k != "recipe")
+
+
+# ------------------------------------------------------------------------------- GPU
+#: GPU recipes: the seed net at a large batch (speed), and airbench (accuracy).
+GPU_SEED = dict(model="seed_net", batch_size=2048, optimizer="adam", lr=0.01,
+                schedule="onecycle", augment_flip=True, augment_crop=2, precision="bf16",
+                channels_last="on", compile="on", log_every=1000)
+GPU_AIRBENCH = dict(model="airbench", batch_size=1024, optimizer="sgd", lr=0.2, momentum=0.85,
+                    weight_decay=5e-4, schedule="onecycle", label_smoothing=0.2,
+                    augment_flip=True, augment_crop=2, precision="bf16", channels_last="on",
+                    compile="on", log_every=1000)
+
+
+def gpu_mode(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray
+             ) -> dict[str, dict]:
+    """Seed-net seconds per 50k-image epoch, and airbench's time to its test accuracy."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA device")
+    device = torch.device("cuda")
+    out = {"device": {"name": torch.cuda.get_device_name(0)}}
+    print("device:", out["device"]["name"])
+    # epoch 1 includes compilation; the per-epoch times after it are the steady state
+    mean, std = channel_stats(train_x)
+    data = Dataset(train_x, train_y, train_x[:0], train_y[:0], [str(i) for i in range(10)],
+                   mean, std)
+    for name, recipe, epochs in (("seed_net", GPU_SEED, 6), ("airbench", GPU_AIRBENCH, 10)):
+        times: list[float] = []
+        p = TrainParams(**{**recipe, "epochs": epochs})
+        t0 = time.perf_counter()
+        result = fit(p, data, device, on_epoch=lambda r, _s, t=times: t.append(r["epoch_time"]))
+        total = time.perf_counter() - t0
+        xt = torch.from_numpy(test_x).to(device)
+        yt = torch.from_numpy(np.asarray(test_y, np.int64)).to(device)
+        _, acc = evaluate(result.model, xt, yt, result.settings)
+        out[name] = {"epochs": epochs, "epoch_times": times,
+                     "steady_epoch_s": float(np.median(times[1:])) if len(times) > 1 else None,
+                     "total_s_incl_compile": total, "test_acc": acc}
+        print(f"{name}: {_fmt({k: v for k, v in out[name].items() if k != 'epoch_times'})}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
