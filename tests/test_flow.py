@@ -187,3 +187,23 @@ def test_flow_finds_the_root_from_any_cwd(prefect_api, tmp_path, monkeypatch):
 
     assert statuses(pipeline()) == {"one": "ran", "two": "ran"}
     assert Path.cwd() == repo.resolve()
+
+
+def test_prefect_yaml_deployments_are_valid_and_never_overlap():
+    import yaml
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.flows import load_flow_from_entrypoint
+
+    root = Path(__file__).resolve().parents[1]
+    spec = PrefectYamlModel.model_validate(yaml.safe_load((root / "prefect.yaml").read_text()))
+    deployments = {d.name: d for d in spec.deployments}
+    assert set(deployments) == {"gpu-nightly", "gpu-sweep"}
+    nightly = deployments["gpu-nightly"]
+    assert nightly.concurrency_limit.limit == 1
+    assert nightly.concurrency_limit.collision_strategy == "ENQUEUE"
+    assert nightly.schedules[0].cron == "0 3 * * *"
+    for d in deployments.values():
+        assert d.work_pool.name == "gpu"
+        flow_obj = load_flow_from_entrypoint(str(root / d.entrypoint))
+        # every parameter the deployment sets is one the flow takes
+        assert set(d.parameters) <= set(flow_obj.parameters.properties), d.name
