@@ -34,9 +34,12 @@ def locate_archive(path: str | None, url: str, sha256: str) -> Path:
     """The verified archive: ``path`` if given, else the cached download (fetched if absent)."""
     if path:
         archive = Path(path).expanduser()
+        if archive.is_dir():
+            raise UserError(f"data.path: {archive} is a folder; set it to the "
+                            "cifar-10-python.tar.gz archive itself (its checksum is verified)")
         if not archive.is_file():
-            raise UserError(f"data.path: {archive} does not exist (or is not a file); set it to "
-                            "your cifar-10-python.tar.gz, or to null to download it")
+            raise UserError(f"data.path: {archive} does not exist; set it to your "
+                            "cifar-10-python.tar.gz, or to null to download it")
         verify_sha256(archive, sha256, "The file is corrupt or not this archive: copy or "
                       "download it again; if it is a re-packed archive you trust, set "
                       "data.sha256 to its sha256.")
