@@ -222,3 +222,13 @@ def test_archive_without_the_batches(tmp_path: Path) -> None:
     del batches["test_batch"]
     with pytest.raises(UserError, match="no cifar-10-batches-py/test_batch"):
         _load(write_tar(tmp_path / "c.tar.gz", batches))
+
+
+def test_a_local_archive_needs_no_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("tried to use the network")
+
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    monkeypatch.setenv("CONVFLOW_CACHE", str(tmp_path / "cache"))
+    data = _load(write_tar(tmp_path / "c.tar.gz", random_batches(10, 2)))
+    assert len(data.train_labels) == 10 and not (tmp_path / "cache").exists()
