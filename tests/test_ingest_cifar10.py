@@ -115,6 +115,35 @@ def test_no_connection_says_so_and_how_to_use_a_local_copy(
     assert "data.path" in msg and str(tmp_path / "cache") in msg
 
 
+class _CutOffHandler(http.server.BaseHTTPRequestHandler):
+    """Promises a megabyte, sends a kilobyte, hangs up."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.send_response(200)
+        self.send_header("Content-Length", str(1 << 20))
+        self.end_headers()
+        self.wfile.write(b"\x1f\x8b" * 512)
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_cut_off_download_is_an_error_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVFLOW_CACHE", str(tmp_path / "cache"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CutOffHandler)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        with pytest.raises(UserError, match="cut off|stopped after"):
+            load_cifar10(None, f"http://127.0.0.1:{server.server_port}/c.tar.gz", "0" * 64)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
 def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("CONVFLOW_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

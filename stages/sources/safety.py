@@ -8,6 +8,7 @@ path in an archive can ever decide where a file lands.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import logging
 import os
@@ -67,31 +68,34 @@ def download(url: str, dest: str | Path, expected_sha256: str, timeout: float = 
     digest = hashlib.sha256()
     log.info("downloading %s to %s", url, dest)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                      desc=dest.name, mininterval=0.5) as bar:
-                while block := resp.read(_BLOCK):
-                    out.write(block)
-                    digest.update(block)
-                    bar.update(len(block))
-        if total is not None and tmp.stat().st_size != total:
-            raise UserError(f"download of {url} stopped after {tmp.stat().st_size} of {total} "
-                            f"bytes; run again. {offline_help}")
-    except UserError:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
+                total = int(resp.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                          desc=dest.name, mininterval=0.5) as bar:
+                    while block := resp.read(_BLOCK):
+                        out.write(block)
+                        digest.update(block)
+                        bar.update(len(block))
+        except http.client.IncompleteRead:
+            raise UserError(f"download of {url} was cut off before the end; run again. "
+                            f"{offline_help}") from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
+            reason = getattr(err, "reason", None) or err
+            raise UserError(f"could not download {url}: {reason}. {offline_help}") from None
+        size = tmp.stat().st_size
+        if total is not None and size != total:
+            raise UserError(f"download of {url} stopped after {size} of {total} bytes; "
+                            f"run again. {offline_help}")
+        actual = digest.hexdigest()
+        if actual != expected_sha256.lower():
+            raise UserError(f"{url}: downloaded file has sha256 {actual}, expected "
+                            f"{expected_sha256.lower()}; it was not kept. Check data.url (a "
+                            "mirror with a re-packed archive needs its own data.sha256).")
+        os.replace(tmp, dest)
+    finally:
+        # whatever stopped the download (an error, Ctrl-C), no partial file stays behind
         tmp.unlink(missing_ok=True)
-        raise
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        tmp.unlink(missing_ok=True)
-        reason = getattr(err, "reason", None) or err
-        raise UserError(f"could not download {url}: {reason}. {offline_help}") from None
-    actual = digest.hexdigest()
-    if actual != expected_sha256.lower():
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"{url}: downloaded file has sha256 {actual}, expected "
-                        f"{expected_sha256.lower()}; it was not kept. Check data.url (a mirror "
-                        "with a re-packed archive needs its own data.sha256).")
-    os.replace(tmp, dest)
     return dest
 
 
