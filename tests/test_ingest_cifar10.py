@@ -93,6 +93,17 @@ def test_download_shows_progress_verifies_and_is_reused_from_the_cache(
     assert np.array_equal(first.train_images, second.train_images)
 
 
+def test_a_damaged_cached_archive_is_downloaded_again(
+        served: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url, archive = served
+    monkeypatch.setenv("CONVFLOW_CACHE", str(tmp_path / "cache"))
+    cached = tmp_path / "cache" / "cifar-10-python.tar.gz"
+    cached.parent.mkdir()
+    cached.write_bytes(b"half a download")
+    data = load_cifar10(None, url, sha256_file(archive))
+    assert len(data.train_labels) == 50 and sha256_file(cached) == sha256_file(archive)
+
+
 def test_download_with_the_wrong_checksum_is_not_kept(
         served: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url, _ = served
