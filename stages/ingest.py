@@ -47,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder (data/raw)")
     args = parser.parse_args(argv)
     p = load_params().data
+    log.info("reading data.source %s%s", p.source, f" from {p.path}" if p.path else "")
     try:
         data = load_source(p)
         validate_raw(data, p.path or p.source)
