@@ -142,7 +142,6 @@ CASES: dict[str, tuple[Callable[[Path], dict], str]] = {
         np.zeros((2, 3072), np.uint8), [3, 12])}), r"labels range over [3, 12]"),
     "missing archive": (lambda t: {"source": "cifar10", "path": str(t / "none.tar.gz")},
                         "does not exist"),
-    "no connection": (_offline, "could not download"),
     "npz object arrays": (_npz_object, "object (pickled) arrays"),
     "npz float images": (_npz_dtype, "dtype float64"),
     "missing npz": (lambda t: {"source": "npz", "path": str(t / "x.npz")}, "does not exist"),
@@ -187,4 +186,14 @@ def test_a_failed_run_removes_the_previous_output(tmp_path: Path) -> None:
         {"data": {"source": "npz", "path": "missing.npz"}}))
     proc = _run_ingest(tmp_path)
     assert proc.returncode == 2 and "missing.npz" in proc.stderr
+    assert not (tmp_path / "data" / "raw").exists()
+
+
+def test_no_connection_is_a_clear_error_with_a_retryable_status(tmp_path: Path) -> None:
+    """Exit 75 (EX_TEMPFAIL), not 2: the network may be back next time (the flow retries)."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": _offline(tmp_path)}))
+    proc = _run_ingest(tmp_path)
+    assert proc.returncode == 75, proc.stderr
+    assert "could not download" in proc.stderr and "data.path" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "data" / "raw").exists()

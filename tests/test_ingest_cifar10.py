@@ -19,7 +19,7 @@ from cifar_format import CIFAR10_CLASSES, py2_batch_pickle, random_batches, writ
 
 from stages.errors import UserError
 from stages.sources.cifar10 import load_cifar10
-from stages.sources.safety import cache_dir, sha256_file
+from stages.sources.safety import DownloadError, cache_dir, sha256_file
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
@@ -104,6 +104,15 @@ def test_a_damaged_cached_archive_is_downloaded_again(
     assert len(data.train_labels) == 50 and sha256_file(cached) == sha256_file(archive)
 
 
+def test_a_wrong_url_is_a_user_error_not_a_retry(
+        served: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url, _ = served
+    monkeypatch.setenv("CONVFLOW_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match="HTTP 404.*check data.url") as info:
+        load_cifar10(None, url.replace("cifar-10", "cifar-100"), "0" * 64)
+    assert not isinstance(info.value, DownloadError)
+
+
 def test_download_with_the_wrong_checksum_is_not_kept(
         served: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url, _ = served
@@ -122,6 +131,7 @@ def test_no_connection_says_so_and_how_to_use_a_local_copy(
     with pytest.raises(UserError) as info:
         load_cifar10(None, f"http://127.0.0.1:{port}/cifar-10-python.tar.gz", "0" * 64)
     msg = str(info.value)
+    assert isinstance(info.value, DownloadError)  # worth a retry, unlike a bad file
     assert "could not download" in msg and "refused" in msg.lower()
     assert "data.path" in msg and str(tmp_path / "cache") in msg
 
@@ -147,7 +157,7 @@ def test_a_cut_off_download_is_an_error_and_leaves_nothing(
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CutOffHandler)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
-        with pytest.raises(UserError, match="cut off|stopped after"):
+        with pytest.raises(DownloadError, match="cut off|stopped after"):
             load_cifar10(None, f"http://127.0.0.1:{server.server_port}/c.tar.gz", "0" * 64)
     finally:
         server.shutdown()

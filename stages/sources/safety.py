@@ -30,6 +30,16 @@ log = logging.getLogger("convflow.ingest")
 _BLOCK = 1 << 20
 
 
+class DownloadError(UserError):
+    """A download that failed for a reason the next attempt may not meet (network, server).
+
+    Still a clear one-line message, but ingest exits with :attr:`exit_status` instead of
+    the user-error status 2, so an orchestrator (the Prefect flow) may retry it.
+    """
+
+    exit_status = 75  # EX_TEMPFAIL
+
+
 def cache_dir() -> Path:
     """Download cache: ``$CONVFLOW_CACHE``, ``$XDG_CACHE_HOME/convflow`` or ``~/.cache/convflow``"""
     if os.environ.get("CONVFLOW_CACHE"):
@@ -78,15 +88,23 @@ def download(url: str, dest: str | Path, expected_sha256: str, timeout: float = 
                         digest.update(block)
                         bar.update(len(block))
         except http.client.IncompleteRead:
-            raise UserError(f"download of {url} was cut off before the end; run again. "
-                            f"{offline_help}") from None
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
+            raise DownloadError(f"download of {url} was cut off before the end; run again. "
+                                f"{offline_help}") from None
+        except urllib.error.HTTPError as err:
+            if err.code < 500:  # 404 and friends: the URL is wrong, a retry will not help
+                raise UserError(f"could not download {url}: HTTP {err.code} {err.reason}; "
+                                f"check data.url. {offline_help}") from None
+            raise DownloadError(f"could not download {url}: HTTP {err.code} {err.reason}. "
+                                f"{offline_help}") from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
             reason = getattr(err, "reason", None) or err
-            raise UserError(f"could not download {url}: {reason}. {offline_help}") from None
+            raise DownloadError(f"could not download {url}: {reason}. {offline_help}") from None
+        except ValueError as err:  # not a URL urllib can open
+            raise UserError(f"data.url: cannot download {url!r} ({err})") from None
         size = tmp.stat().st_size
         if total is not None and size != total:
-            raise UserError(f"download of {url} stopped after {size} of {total} bytes; "
-                            f"run again. {offline_help}")
+            raise DownloadError(f"download of {url} stopped after {size} of {total} bytes; "
+                                f"run again. {offline_help}")
         actual = digest.hexdigest()
         if actual != expected_sha256.lower():
             raise UserError(f"{url}: downloaded file has sha256 {actual}, expected "
