@@ -7,14 +7,23 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-log = logging.getLogger("convflow")
-
 #: Exit status of a stage stopped by a user mistake (bad params, bad input file).
 USER_ERROR_EXIT = 2
+#: Exit status of a failure that may pass on a later try (EX_TEMPFAIL): the flow retries it.
+TEMPFAIL_EXIT = 75
 
 
 class UserError(Exception):
     """A mistake the user can fix: printed as one clear message, never as a traceback."""
+
+    exit_status = USER_ERROR_EXIT
+
+
+class TransientError(UserError):
+    """A clear message like any user error, for a failure that a retry may not meet
+    (network, server); the stage exits with :data:`TEMPFAIL_EXIT` so orchestrators retry."""
+
+    exit_status = TEMPFAIL_EXIT
 
 
 def setup_logging(verbose: bool | None = None) -> None:
@@ -29,17 +38,21 @@ def setup_logging(verbose: bool | None = None) -> None:
     )
 
 
-def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run a stage's ``main`` and turn a :class:`UserError` into a message and exit status 2.
+def run_cli(main: Callable[[Sequence[str] | None], object],
+            argv: Sequence[str] | None = None) -> None:
+    """Run a stage's ``main``; a :class:`UserError` becomes one log line and its exit status.
 
+    The line reads ``convflow.<stage>: error: <message>`` (what the Prefect flow reports).
     Anything else is a bug and keeps its traceback.
     """
     setup_logging()
+    stage = main.__module__.rsplit(".", 1)[-1]
+    log = logging.getLogger(f"convflow.{stage}")
     try:
         main(argv)
     except UserError as err:
         log.error("error: %s", err)
-        sys.exit(USER_ERROR_EXIT)
+        sys.exit(err.exit_status)
     except KeyboardInterrupt:
         log.error("interrupted")
         sys.exit(130)

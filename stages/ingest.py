@@ -17,7 +17,6 @@ from stages.errors import UserError, run_cli
 from stages.io import atomic_dir, remove_output, save_split, write_json
 from stages.params import load_params
 from stages.sources import RawData, load_source, validate_raw
-from stages.sources.safety import DownloadError
 
 log = logging.getLogger("convflow.ingest")
 
@@ -52,13 +51,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         data = load_source(p)
         validate_raw(data, p.path or p.source)
-    except UserError as err:
+    except UserError:
         # an old output from other params must not pass for this run's result
         remove_output(args.out)
-        if isinstance(err, DownloadError):
-            # a clean message like any user error, but a status that says "try again later"
-            log.error("error: %s", err)
-            raise SystemExit(err.exit_status) from None
         raise
     write_raw(args.out, data)
     log.info("wrote %s: %d train + %d test images, %d classes (%s) from %s",

@@ -77,13 +77,13 @@ class TrainParams(_Group):
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(256, gt=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(0.003, gt=0)
+    lr: float = Field(0.004, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
     augment_flip: bool = True
-    augment_crop: int = Field(4, ge=0, le=16, description="random-crop padding in pixels; 0 = off")
+    augment_crop: int = Field(2, ge=0, le=16, description="random-crop padding in pixels; 0 = off")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] | bool = "auto"
     compile: Literal["auto", "on", "off"] | bool = "auto"
@@ -108,7 +108,7 @@ class PlotParams(_Group):
 
     dpi: int = Field(120, gt=0, le=600)
     n_images: int = Field(10, gt=0, le=64)
-    kernel_image: int = Field(0, ge=0, description="index of the test image used in the kernel demo")
+    kernel_image: int = Field(0, ge=0, description="test image used in the kernel demo")
 
 
 class Params(_Group):

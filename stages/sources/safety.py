@@ -23,21 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from stages.errors import UserError
+from stages.errors import TransientError, UserError
 
 log = logging.getLogger("convflow.ingest")
 
 _BLOCK = 1 << 20
 
 
-class DownloadError(UserError):
-    """A download that failed for a reason the next attempt may not meet (network, server).
-
-    Still a clear one-line message, but ingest exits with :attr:`exit_status` instead of
-    the user-error status 2, so an orchestrator (the Prefect flow) may retry it.
-    """
-
-    exit_status = 75  # EX_TEMPFAIL
+class DownloadError(TransientError):
+    """A download that failed for a reason the next attempt may not meet (network, server):
+    ingest exits with status 75, so the Prefect flow retries it."""
 
 
 def cache_dir() -> Path:
