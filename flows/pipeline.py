@@ -34,18 +34,14 @@ from prefect.tasks import exponential_backoff
 
 from stages.paths import find_root
 
-#: Stages whose failures can be transient (a download): only these are retried.
+#: Stages whose timeout can be transient (a stalled download): retried after a timeout.
 DEFAULT_RETRY_STAGES = ("ingest",)
 #: Seconds between SIGTERM and SIGKILL when a stage times out.
 KILL_GRACE_S = 10.0
 #: The exit status of a stage's user error (``stages.errors.run_cli``): never retried.
 USER_ERROR_EXIT = 2
-#: Output that marks a failure no retry can fix, even in a retryable stage.
-PERMANENT_MARKERS = re.compile(
-    r"checksum|sha256|MemoryError|out of memory|non-finite|not finite|\bnan\b|"
-    r"No such file|Permission denied",
-    re.IGNORECASE,
-)
+#: EX_TEMPFAIL: a stage's "the next attempt may succeed" (ingest's network failures).
+TEMPFAIL_EXIT = 75
 _STAGE_ERROR = re.compile(r"^convflow\.[\w.]+: error: .*$", re.MULTILINE)
 _DVC_ERROR = re.compile(r"^ERROR: .*$", re.MULTILINE)
 #: DVC exits 255 whatever the command did; the command's own status is in its message.
@@ -165,18 +161,17 @@ def error_message(output: str, returncode: int | None) -> str:
     return " | ".join(tail) or f"exited with status {returncode}"
 
 
-def is_transient(stage: str, returncode: int | None, output: str, timed_out: bool,
+def is_transient(stage: str, status: int | None, timed_out: bool,
                  retry_stages: tuple[str, ...] | list[str] = DEFAULT_RETRY_STAGES) -> bool:
-    """Whether a failure may pass on a retry: a crash (not a user error) of a download stage."""
-    if stage.split("@")[0] not in retry_stages:
-        return False
-    if timed_out:
-        return True  # a stalled download; the next attempt starts it again
-    if returncode is None or returncode < 0:
-        return False  # killed by a signal: the OOM killer, or a user's Ctrl-C
-    if returncode == USER_ERROR_EXIT:
-        return False  # bad params or input: the same again would fail the same way
-    return not PERMANENT_MARKERS.search(output)
+    """Whether a retry may succeed: the stage said so (exit 75), or a download stage stalled.
+
+    Everything else fails for good: exit 2 is a user error (bad params, a checksum
+    mismatch, a non-finite loss), a negative status a kill by signal (the OOM killer), and
+    any other status a crash that the same inputs would repeat.
+    """
+    if status == TEMPFAIL_EXIT:
+        return True
+    return timed_out and stage.split("@")[0] in retry_stages
 
 
 def _retry_if_transient(task_: Any, task_run: Any, state: Any) -> bool:
@@ -279,7 +274,7 @@ def run_stage(name: str, root: str, timeout_s: float | None = None, force: bool 
         stages = tuple(retry_stages) if retry_stages is not None else DEFAULT_RETRY_STAGES
         status = command_status(output, returncode)
         raise StageFailed(name, message, status,
-                          is_transient(name, status, output, timed_out, stages))
+                          is_transient(name, status, timed_out, stages))
     status = _status_from_output(output)
     log.info("stage '%s': %s (%.2f s)", name, status, seconds)
     return {"stage": name, "status": status, "seconds": seconds}

@@ -129,11 +129,11 @@ def test_failing_stage_fails_the_flow_with_its_message_and_stops_downstream(
 
 
 def test_transient_download_failure_is_retried_with_backoff(prefect_api, tmp_path):
-    # fails with a network error on the first attempt, succeeds on the second
+    # like ingest on a network failure: exit 75 (EX_TEMPFAIL) once, then succeed
     flaky = ("import pathlib, sys; p = pathlib.Path('attempts'); "
              "n = int(p.read_text()) + 1 if p.exists() else 1; p.write_text(str(n)); "
-             "sys.exit('ConnectionResetError: connection reset by peer') if n == 1 "
-             "else open('raw.txt', 'w').write('data')")
+             "sys.stderr.write('convflow.ingest: error: connection reset\\n') if n == 1 else 0; "
+             "sys.exit(75) if n == 1 else open('raw.txt', 'w').write('data')")
     repo = make_toy_repo(tmp_path / "toy", {
         "ingest": {"cmd": py_stage(flaky), "outs": ["raw.txt"]},
         "next": copy_stage("raw.txt", "next.txt")})
@@ -144,16 +144,19 @@ def test_transient_download_failure_is_retried_with_backoff(prefect_api, tmp_pat
     assert runs["ingest"].run_count == 2 and runs["next"].state.is_completed()
 
 
-def test_is_transient_only_for_crashes_of_retryable_stages():
-    from flows.pipeline import is_transient
+def test_only_tempfail_and_stalled_downloads_are_transient():
+    from flows.pipeline import command_status, is_transient
 
-    assert is_transient("ingest", 1, "urllib.error.URLError: <urlopen error timed out>", False)
-    assert is_transient("ingest", None, "", True)                  # a stalled download
-    assert not is_transient("ingest", 2, "convflow.ingest: error: bad data.source", False)
-    assert not is_transient("ingest", 1, "sha256 mismatch: got 12ab, expected 6d95", False)
-    assert not is_transient("ingest", -9, "", False)               # the OOM killer
-    assert not is_transient("train", 1, "RuntimeError: loss is not finite", False)
-    assert not is_transient("train", 1, "ConnectionResetError", False)  # not a download stage
+    assert is_transient("ingest", 75, False)          # ingest: a network failure
+    assert is_transient("ingest", None, True)         # a stalled download
+    assert not is_transient("train", None, True)      # a slow training run stays slow
+    assert not is_transient("ingest", 2, False)       # user error: bad params, checksum
+    assert not is_transient("ingest", -9, False)      # the OOM killer
+    assert not is_transient("train", 2, False)        # a non-finite loss is a user error
+    assert not is_transient("train", 1, False)        # a crash repeats on the same inputs
+    # DVC itself exits 255; the stage's own status is in its message
+    out = "ERROR: failed to reproduce 'x': failed to run: python -m stages.x, exited with 75"
+    assert command_status(out, 255) == 75 and command_status("", 255) == 255
 
 
 def test_timeout_kills_the_stage_process_group(prefect_api, tmp_path):
