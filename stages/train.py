@@ -56,15 +56,29 @@ def _on_off(value: str | bool, auto: bool) -> bool:
     return auto if value == "auto" else value in (True, "on")
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast pays."""
+    cpu = torch.cpu
+    try:
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
 def resolve_settings(p: TrainParams, device: torch.device) -> Settings:
     """Turn the ``auto`` params into concrete choices for ``device``.
 
-    Measured on a 2-core CPU (benchmarks/bench_train.py): fp32 is exact and as fast as bf16
-    for the seed net, channels-last is faster, and torch.compile costs more time to compile
-    than it saves; on CUDA bf16 autocast, channels-last and compile are the fast path.
+    Measured for the seed net on a 2-core AVX512-BF16 CPU (see docs/readme/training.md):
+    channels-last and bf16 autocast are each faster, torch.compile spends ~30 s compiling
+    and then runs slower. On CUDA bf16 autocast, channels-last and compile are the fast path.
     """
     cuda = device.type == "cuda"
-    precision = p.precision if p.precision != "auto" else ("bf16" if cuda else "fp32")
+    if p.precision != "auto":
+        precision = p.precision
+    elif cuda:
+        precision = "bf16"
+    else:
+        precision = "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and device.type == "cpu":
         raise UserError("train.precision: fp16 is not supported on the CPU; use fp32 or bf16")
     return Settings(precision=precision,
