@@ -65,10 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         from flows.sweep import sweep
 
-        rows = sweep(_grid(args.grid), root=args.root, max_parallel=args.jobs,
-                     timeout_s=args.timeout)
-        for row in rows:
-            print(row)
+        grid = _grid(args.grid)
+        rows = sweep(grid, root=args.root, max_parallel=args.jobs, timeout_s=args.timeout)
+        for row in sorted(rows, key=lambda r: r["experiment"]):
+            swept = [f"{k}={row.get(f'params.yaml:{k}')}" for k in grid]
+            metrics = [f"{key.split(':', 1)[1]}={value:.4g}" for key, value in row.items()
+                       if ":" in key and not key.startswith("params.yaml:")
+                       and isinstance(value, float)]
+            print(row["experiment"], row["rev"], *swept, *metrics)
+        print("compare: dvc exp show; keep one: dvc exp apply <name>")
         return 0
     options = {"timeout_s": args.timeout, "retries": args.retries, "push": args.push,
                "commit": args.commit}

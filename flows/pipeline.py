@@ -42,7 +42,7 @@ KILL_GRACE_S = 10.0
 USER_ERROR_EXIT = 2
 #: EX_TEMPFAIL: a stage's "the next attempt may succeed" (ingest's network failures).
 TEMPFAIL_EXIT = 75
-_STAGE_ERROR = re.compile(r"^convflow\.[\w.]+: error: .*$", re.MULTILINE)
+_STAGE_ERROR = re.compile(r"^convflow(\.[\w.]+)?: error: ")
 _DVC_ERROR = re.compile(r"^ERROR: .*$", re.MULTILINE)
 #: DVC exits 255 whatever the command did; the command's own status is in its message.
 _CMD_STATUS = re.compile(r"failed to run: .*, exited with (-?\d+)")
@@ -152,12 +152,20 @@ def command_status(output: str, dvc_status: int | None) -> int | None:
 
 
 def error_message(output: str, returncode: int | None) -> str:
-    """The most useful line of a failed stage's output: its own ``convflow.<stage>: error:``."""
-    for pattern in (_STAGE_ERROR, _DVC_ERROR):
-        found = pattern.findall(output)
-        if found:
-            return found[-1].strip()
-    tail = [line for line in output.strip().splitlines() if line.strip()][-3:]
+    """The stage's own error (``convflow[.<stage>]: error: ...`` and its indented lines)."""
+    lines = output.splitlines()
+    starts = [i for i, line in enumerate(lines) if _STAGE_ERROR.match(line)]
+    if starts:
+        message = [lines[starts[-1]].strip()]
+        for line in lines[starts[-1] + 1:]:
+            if not line[:1].isspace() or not line.strip():
+                break
+            message.append(line.strip())  # the details of a multi-line message
+        return " ".join(message)
+    found = _DVC_ERROR.findall(output)
+    if found:
+        return found[-1].strip()
+    tail = [line for line in lines if line.strip()][-3:]
     return " | ".join(tail) or f"exited with status {returncode}"
 
 

@@ -39,6 +39,28 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _drain_to_api() -> None:
+    """Send the logs and events still buffered while the server is up (as Prefect's harness)."""
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        try:
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        except RuntimeError:  # no worker was started
+            pass
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    run_coro_as_sync(drain())
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The URL of a real Prefect API served by ``prefect server start`` for this session."""
@@ -73,6 +95,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
         with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_HOME: str(home)}):
             yield url
+            _drain_to_api()
     finally:
         try:
             os.killpg(server.pid, signal.SIGTERM)

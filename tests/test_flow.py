@@ -110,14 +110,17 @@ def test_failing_stage_fails_the_flow_with_its_message_and_stops_downstream(
 
     stages = toy_stages()
     stages["bad"] = {"cmd": py_stage(
-        "import sys; sys.stderr.write('convflow.bad: error: a.n must be 0 or more; "
-        "set it in params.yaml\\n'); sys.exit(2)"), "deps": ["one.txt"], "outs": ["bad.txt"]}
+        # like stages.errors.run_cli: a message, its indented details, exit status 2
+        "import sys; sys.stderr.write('convflow: error: invalid parameters:\\n"
+        "  params.yaml: a.n must be 0 or more\\n'); sys.exit(2)"),
+        "deps": ["one.txt"], "outs": ["bad.txt"]}
     stages["after_bad"] = copy_stage("bad.txt", "after.txt")
     repo = make_toy_repo(tmp_path / "toy", stages)
 
     state = run_flow(repo, retries=2, retry_delay_s=0, retry_stages=["bad"])
     assert state.is_failed()
-    assert "convflow.bad: error: a.n must be 0 or more; set it in params.yaml" in state.message
+    assert state.message.endswith("stage 'bad' failed: convflow: error: invalid parameters: "
+                                  "params.yaml: a.n must be 0 or more")
     with pytest.raises(StageFailed, match="a.n must be 0 or more"):
         state.result()
     runs = task_runs(state.state_details.flow_run_id)
