@@ -14,6 +14,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+from conftest import dvc, git
 from prefect_fixtures import add_stage, make_toy_repo, py_stage
 
 WRITE_ONE = ("import yaml; n = yaml.safe_load(open('params.yaml'))['a']['n']; "
@@ -84,8 +85,12 @@ def test_artifacts_hold_the_stage_summary_metrics_and_diff(prefect_api, tmp_path
                         "json.dump({'acc': n / 10}, open('m.json', 'w'))"),
         "deps": ["two.txt"], "metrics": [{"m.json": {"cache": False}}]}
     repo = make_toy_repo(tmp_path / "toy", stages)
-    run_flow(repo, commit=True)  # the flow commits dvc.lock, params and metrics
-    assert "convflow: pipeline run" in os.popen(f"git -C {repo} log -1 --format=%s").read()
+    dvc(repo, "remote", "add", "-d", "store", str(tmp_path / "remote"))
+    # the flow pushes to the default remote, then commits dvc.lock, params and metrics
+    assert run_flow(repo, push=True, commit=True).is_completed()
+    assert list((tmp_path / "remote").rglob("*")), "dvc push sent nothing"
+    assert git(repo, "log", "-1", "--format=%s").startswith("convflow: pipeline run ")
+    assert "dvc.lock" in git(repo, "show", "--name-only", "--format=", "HEAD").split()
     (repo / "params.yaml").write_text("a:\n  n: 7\n")
     state = run_flow(repo)
     assert statuses(state.result())["score"] == "ran"
