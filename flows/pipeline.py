@@ -193,7 +193,7 @@ def _retry_if_transient(task_: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def _subprocess_env() -> dict[str, str]:
+def subprocess_env() -> dict[str, str]:
     """This interpreter's folder first on PATH, so DVC and the stages use the same venv."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -202,7 +202,7 @@ def _subprocess_env() -> dict[str, str]:
     return env
 
 
-def _kill_group(proc: subprocess.Popen, grace_s: float) -> None:
+def kill_group(proc: subprocess.Popen, grace_s: float) -> None:
     """SIGTERM the process group ``proc`` leads, then SIGKILL whatever is left after ``grace_s``."""
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         try:
@@ -226,7 +226,7 @@ def repro_single(root: Path, name: str, timeout_s: float | None, force: bool,
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", name]
     if force:
         cmd.append("--force")
-    proc = subprocess.Popen(cmd, cwd=root, env=_subprocess_env(), text=True, bufsize=1,
+    proc = subprocess.Popen(cmd, cwd=root, env=subprocess_env(), text=True, bufsize=1,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     lines: list[str] = []
@@ -246,9 +246,9 @@ def repro_single(root: Path, name: str, timeout_s: float | None, force: bool,
         timed_out = True
         log.error("stage '%s' ran past its %s s timeout: killing its process group", name,
                   timeout_s)
-        _kill_group(proc, KILL_GRACE_S)
+        kill_group(proc, KILL_GRACE_S)
     except BaseException:  # the flow itself is cancelled: take the stage down with it
-        _kill_group(proc, KILL_GRACE_S)
+        kill_group(proc, KILL_GRACE_S)
         raise
     reader.join(timeout=5)
     return "".join(lines), proc.returncode, timed_out
@@ -290,11 +290,12 @@ def run_stage(name: str, root: str, timeout_s: float | None = None, force: bool 
 
 # ---------------------------------------------------------------------------- artifacts
 
-def _flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
+def flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
+    """Nested dicts as ("a.b.c", leaf) pairs, the way DVC names params and metrics."""
     if isinstance(value, dict):
         out: list[tuple[str, Any]] = []
         for key, sub in value.items():
-            out.extend(_flatten(f"{prefix}.{key}" if prefix else str(key), sub))
+            out.extend(flatten(f"{prefix}.{key}" if prefix else str(key), sub))
         return out
     return [(prefix, value)]
 
@@ -305,7 +306,7 @@ def metrics_rows(root: str | Path) -> list[dict[str, Any]]:
         shown = _repo(root).metrics.show()
     rows = []
     for file, entry in sorted(shown.get("", {}).get("data", {}).items()):
-        for metric, value in _flatten("", entry.get("data", {})):
+        for metric, value in flatten("", entry.get("data", {})):
             if isinstance(value, (int, float, str, bool)) or value is None:
                 rows.append({"file": file, "metric": metric, "value": value})
     return rows
@@ -361,7 +362,7 @@ def publish_artifacts(root: Path, summary: list[dict[str, Any]]) -> None:
 
 def dvc_push(root: Path) -> None:
     """``dvc push`` to the default remote."""
-    subprocess.run([sys.executable, "-m", "dvc", "push"], cwd=root, env=_subprocess_env(),
+    subprocess.run([sys.executable, "-m", "dvc", "push"], cwd=root, env=subprocess_env(),
                    check=True)
 
 

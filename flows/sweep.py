@@ -24,11 +24,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.pipeline import (
-    _flatten,
-    _kill_group,
-    _subprocess_env,
     error_message,
+    flatten,
+    kill_group,
     resolve_root,
+    subprocess_env,
 )
 
 
@@ -62,16 +62,16 @@ def run_experiment(name: str, overrides: dict[str, Any], root: str,
            *set_args(overrides)]
     log.info("%s", " ".join(cmd[1:]))
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=root, env=_subprocess_env(), text=True,
+    proc = subprocess.Popen(cmd, cwd=root, env=subprocess_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        _kill_group(proc, 10.0)
+        kill_group(proc, 10.0)
         raise RuntimeError(f"experiment '{name}' timed out after {timeout_s} s") from None
     except BaseException:
-        _kill_group(proc, 10.0)
+        kill_group(proc, 10.0)
         raise
     seconds = round(time.perf_counter() - start, 3)
     for line in output.splitlines():
@@ -86,7 +86,7 @@ def run_experiment(name: str, overrides: dict[str, Any], root: str,
 def exp_show_rows(root: str | Path, names: set[str] | None = None) -> list[dict[str, Any]]:
     """``dvc exp show --json`` as flat rows (experiment, rev, params, metrics)."""
     out = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=root,
-                         env=_subprocess_env(), capture_output=True, text=True, check=True)
+                         env=subprocess_env(), capture_output=True, text=True, check=True)
     rows = []
     for baseline in json.loads(out.stdout):
         for group in baseline.get("experiments") or []:
@@ -98,10 +98,10 @@ def exp_show_rows(root: str | Path, names: set[str] | None = None) -> list[dict[
                                        "rev": (rev.get("rev") or "")[:7],
                                        "baseline": (baseline.get("rev") or "")[:7]}
                 for file, entry in (data.get("metrics") or {}).items():
-                    for key, value in _flatten("", entry.get("data") or {}):
+                    for key, value in flatten("", entry.get("data") or {}):
                         row[f"{file}:{key}"] = value
                 for file, entry in (data.get("params") or {}).items():
-                    for key, value in _flatten("", entry.get("data") or {}):
+                    for key, value in flatten("", entry.get("data") or {}):
                         row[f"{file}:{key}"] = value
                 rows.append(row)
     return rows

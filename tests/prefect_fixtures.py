@@ -90,10 +90,13 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 raise RuntimeError("prefect server did not start:\n"
                                    + (home / "server.log").read_text()[-3000:])
             time.sleep(0.5)
-        # prefect may have been imported already: override its settings in-process too
+        # prefect may have been imported already (its settings are read at import): override
+        # them in-process too, also for its background workers, as Prefect's own harness does
+        from prefect.context import _temporary_global_settings_context, get_settings_context
         from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
-        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_HOME: str(home)}):
+        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_HOME: str(home)}), \
+                _temporary_global_settings_context(get_settings_context()):
             yield url
             _drain_to_api()
     finally:
