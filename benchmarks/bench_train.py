@@ -130,7 +130,8 @@ def ours(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: n
             fit(TrainParams(**{**recipe, "epochs": 1}), probe, device)
             seen = 8192 // recipe["batch_size"] * recipe["batch_size"]
             rate = max(rate, seen / (time.perf_counter() - t0))
-        epochs = max(1, math.floor(budget * rate * 0.97 / len(train_x)))
+        # 15 % margin: the probe is short and a shared machine's speed drifts during a run
+        epochs = max(1, math.floor(budget * rate * 0.85 / len(train_x)))
         print(f"calibration: ~{rate:,.0f} img/s -> {epochs} epochs in the budget")
     p = TrainParams(**{**recipe, "epochs": epochs})
     t0 = time.perf_counter()
