@@ -55,14 +55,22 @@ def set_args(overrides: dict[str, Any]) -> list[str]:
 
 @task(name="dvc-experiment", task_run_name="{name}", cache_policy=NO_CACHE)
 def run_experiment(name: str, overrides: dict[str, Any], root: str,
-                   timeout_s: float | None = None) -> dict[str, Any]:
-    """Run one sweep point as ``dvc exp run --temp``; its name, overrides and seconds."""
+                   timeout_s: float | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Run one sweep point as ``dvc exp run --temp``; its name, overrides and seconds.
+
+    ``threads`` caps the CPU threads of its stages (OMP_NUM_THREADS, which the stages'
+    ``threads: 0`` honours), so experiments side by side share the cores instead of
+    fighting over them.
+    """
     log = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", name,
            *set_args(overrides)]
     log.info("%s", " ".join(cmd[1:]))
+    env = subprocess_env()
+    if threads and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=root, env=subprocess_env(), text=True,
+    proc = subprocess.Popen(cmd, cwd=root, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
@@ -120,11 +128,14 @@ def sweep(grid: dict[str, list[Any]] | list[dict[str, Any]], root: str | None = 
     points = expand_grid(grid)
     prefix = name_prefix or flow_run.name or "sweep"
     names = [f"{prefix}-{i}" for i in range(1, len(points) + 1)]
-    log.info("%d experiments, %d at a time", len(points), max_parallel)
+    threads = max(1, (os.cpu_count() or 1) // max(1, max_parallel))
+    log.info("%d experiments, %d at a time, %d CPU thread(s) each", len(points), max_parallel,
+             threads)
     with ThreadPoolTaskRunner(max_workers=max(1, max_parallel)) as runner:
         futures = [runner.submit(run_experiment, {"name": name, "overrides": point,
                                                   "root": str(repo_root),
-                                                  "timeout_s": timeout_s})
+                                                  "timeout_s": timeout_s,
+                                                  "threads": threads})
                    for name, point in zip(names, points, strict=True)]
         for future in futures:
             future.wait()

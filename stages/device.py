@@ -58,7 +58,16 @@ def pick_device(name: str) -> torch.device:
 
 
 def auto_threads() -> int:
-    """CPU threads for ``train.threads: 0``: the cores this process may use (at least 1)."""
+    """CPU threads for ``threads: 0``: ``$OMP_NUM_THREADS`` where set, else the cores this
+    process may use (at least 1).
+
+    Honouring OMP_NUM_THREADS lets whoever starts several stages side by side (a sweep, a
+    test run) share the cores out: two busy processes with all cores each spin in OpenMP
+    and can run many times slower than one.
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - macOS / Windows

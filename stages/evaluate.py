@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from stages.device import pick_device, set_threads
 from stages.errors import UserError, run_cli
 from stages.io import atomic_dir, atomic_file, load_split, read_json, write_json
 from stages.models import load_model
@@ -42,16 +42,6 @@ log = logging.getLogger("convflow.evaluate")
 
 
 # ----------------------------------------------------------------------------- device
-def pick_device() -> torch.device:
-    """CUDA, then Apple MPS, then CPU: evaluation has no device param, it uses the best there is."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def describe_device(device: torch.device) -> str:
     """A human name for the metrics file, e.g. ``cuda (NVIDIA H100 80GB HBM3)`` or ``cpu``."""
     if device.type == "cuda":
@@ -230,11 +220,6 @@ def confusion_rows(labels: np.ndarray, predicted: np.ndarray,
 
 
 # ----------------------------------------------------------------------------- CLI
-def _set_threads() -> None:
-    # honour OMP_NUM_THREADS where the caller set it (tests, shared machines); else all cores
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m stages.evaluate --data DIR --model FILE --metrics DIR --out DIR``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -245,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     p = load_params().evaluate
 
-    _set_threads()
+    # evaluate has no device or threads param: it uses the best device and every core
+    set_threads(0)
     data = Path(args.data)
     stats = read_json(data / "stats.json")
     classes = list(stats["classes"])
@@ -253,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if images.dtype != np.uint8 or images.ndim != 4:
         raise UserError(f"{data / 'test.npz'}: expected uint8 N x C x H x W images, got "
                         f"{images.dtype} {images.shape}; re-run normalize")
-    device = pick_device()
+    device = pick_device("auto")
     model, meta = load_model(args.model, map_location=device)
     check_compatible(meta, classes, images.shape[1:], args.model, data)
 
