@@ -38,7 +38,7 @@ from stages.train import Dataset, Settings, evaluate, fit  # noqa: E402
 SHARED_JPEG = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 CACHE = ROOT / "bench-out" / "cifar10-jpeg.npz"
 
-#: The documented CPU recipe for the seed net (docs/readme/training.md); its epochs are
+#: The documented CPU recipe for the seed net (README.md, "Training"); its epochs are
 #: fitted to the budget from a short calibration run.
 CPU_RECIPE = dict(model="seed_net", batch_size=256, optimizer="adam", lr=0.004,
                   weight_decay=5e-4, schedule="onecycle", label_smoothing=0.1,
@@ -165,7 +165,7 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override recipe params, e.g. lr=0.005 batch_size=512")
     ap.add_argument("--skip-reference", action="store_true")
-    ap.add_argument("--gpu", action="store_true", help="CUDA mode (see docs/readme/training.md)")
+    ap.add_argument("--gpu", action="store_true", help="CUDA mode (see README.md, Training)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     setup_logging()  # the loop's per-epoch lines

@@ -68,7 +68,7 @@ def cpu_has_native_bf16() -> bool:
 def resolve_settings(p: TrainParams, device: torch.device) -> Settings:
     """Turn the ``auto`` params into concrete choices for ``device``.
 
-    Measured for the seed net on a 2-core AVX512-BF16 CPU (see docs/readme/training.md):
+    Measured for the seed net on a 2-core AVX512-BF16 CPU (see README.md, "Training"):
     channels-last and bf16 autocast are each faster, torch.compile spends ~30 s compiling
     and then runs slower. On CUDA bf16 autocast, channels-last and compile are the fast path.
     """
