@@ -98,11 +98,16 @@ def make_pipeline_repo(dest: Path, overrides: dict[str, Any] | None = None) -> P
     params = deep_merge(yaml.safe_load((PROJECT / "params.yaml").read_text()), TINY_PARAMS)
     (dest / "params.yaml").write_text(yaml.safe_dump(deep_merge(params, overrides or {}),
                                                      sort_keys=False))
+    return init_and_commit(dest, "pipeline")
+
+
+def init_and_commit(dest: Path, message: str) -> Path:
+    """Make ``dest`` a git + DVC repository and commit everything in it."""
     git(dest, "init", "-q", "-b", "main")
     dvc(dest, "init", "-q")
     dvc(dest, "config", "core.analytics", "false")
     git(dest, "add", "-A")
-    git(dest, "commit", "-q", "-m", "pipeline")
+    git(dest, "commit", "-q", "-m", message)
     return dest
 
 

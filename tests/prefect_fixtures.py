@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import dvc, git, subprocess_env
+from conftest import init_and_commit, subprocess_env
 
 SERVER_START_TIMEOUT_S = 90
 
@@ -127,12 +127,7 @@ def make_toy_repo(dest: Path, stages: dict, params: dict | None = None) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "params.yaml").write_text(yaml.safe_dump(params or {"a": {"n": 1}}))
     (dest / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
-    git(dest, "init", "-q", "-b", "main")
-    dvc(dest, "init", "-q")
-    dvc(dest, "config", "core.analytics", "false")
-    git(dest, "add", "-A")
-    git(dest, "commit", "-q", "-m", "toy pipeline")
-    return dest
+    return init_and_commit(dest, "toy pipeline")
 
 
 def add_stage(repo: Path, name: str, spec: dict) -> None:
