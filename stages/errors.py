@@ -46,7 +46,11 @@ def run_cli(main: Callable[[Sequence[str] | None], object],
     Anything else is a bug and keeps its traceback.
     """
     setup_logging()
-    stage = main.__module__.rsplit(".", 1)[-1]
+    module = main.__module__
+    if module == "__main__":  # `python -m stages.train`: the real name is on the module spec
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else "stage"
+    stage = module.rsplit(".", 1)[-1]
     log = logging.getLogger(f"convflow.{stage}")
     try:
         main(argv)

@@ -170,6 +170,8 @@ def test_bad_input_exits_2_with_a_message_and_no_output(tmp_path: Path, case: st
     proc = _run_ingest(work)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
+    # one line that names the stage: what a user greps for and the Prefect flow reports
+    assert "convflow.ingest: error: " in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (work / "data" / "raw").exists()
     assert not list(work.glob("data/.raw.tmp-*"))
