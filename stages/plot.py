@@ -9,7 +9,6 @@ so no image derived from the user's data ends up in git).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 from collections.abc import Sequence
@@ -92,11 +91,15 @@ def read_series(path: Path, column: str) -> tuple[list[float], list[float]]:
     """A dvclive TSV series (``step`` and ``column``) as two lists."""
     if not path.is_file():
         raise UserError(f"{path}: missing; run the train stage first (dvc repro train)")
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    if not rows or column not in rows[0] or "step" not in rows[0]:
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path, sep="\t")
+    except (pd.errors.EmptyDataError, pd.errors.ParserError):
+        table = pd.DataFrame()
+    if table.empty or column not in table or "step" not in table:
         raise UserError(f"{path}: expected a dvclive series with 'step' and '{column}' columns")
-    return [float(r["step"]) for r in rows], [float(r[column]) for r in rows]
+    return table["step"].astype(float).tolist(), table[column].astype(float).tolist()
 
 
 def read_loss_history(path: Path) -> tuple[list[float], list[float]]:
