@@ -128,9 +128,24 @@ def data_fingerprint(folder: str | Path) -> str:
     return h.hexdigest()
 
 
-def run_fingerprint(p: TrainParams, data_hash: str) -> str:
-    """Identity of a training run: every train param plus the data it reads."""
-    blob = json.dumps({"params": p.model_dump(mode="json"), "data": data_hash}, sort_keys=True)
+#: The code that decides what a training run computes: a checkpoint made by other code
+#: (another architecture, another loop) is never resumed.
+TRAINING_CODE = ("train.py", "models.py", "device.py", "ddp.py")
+
+
+def code_fingerprint() -> str:
+    """sha256 over the training code files beside this module."""
+    h = hashlib.sha256()
+    for name in TRAINING_CODE:
+        h.update(name.encode())
+        h.update((Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()
+
+
+def run_fingerprint(p: TrainParams, data_hash: str, code_hash: str = "") -> str:
+    """Identity of a training run: every train param, the data it reads and the code."""
+    blob = json.dumps({"params": p.model_dump(mode="json"), "data": data_hash,
+                       "code": code_hash}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -437,7 +452,7 @@ class LiveLog:
 
 # =============================================================================== Stage
 def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The checkpoint's state if it was made by this exact run (params + data), else None."""
+    """The checkpoint's state if it was made by this exact run (params, data, code), else None."""
     if not path.is_file():
         return None
     try:
@@ -449,7 +464,7 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
         log.warning("ignoring %s: not a convflow checkpoint", path)
         return None
     if state.get("fingerprint") != fingerprint:
-        log.info("ignoring %s: made with other train params or other data; starting fresh",
+        log.info("ignoring %s: made with other train params, data or training code; starting fresh",
                  path)
         return None
     return state
@@ -464,7 +479,7 @@ def train_process(data_dir: str, model_path: str, checkpoint_path: str, live_dir
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
     data = load_processed(data_dir)
-    fingerprint = run_fingerprint(p, data_fingerprint(data_dir))
+    fingerprint = run_fingerprint(p, data_fingerprint(data_dir), code_fingerprint())
     resume = load_checkpoint(Path(checkpoint_path), fingerprint)
     if resume is not None and int(resume["epoch"]) > p.epochs:
         resume = None

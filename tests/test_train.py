@@ -89,18 +89,24 @@ def test_checkpoint_from_other_params_or_data_is_ignored(
     run_stage(stale, monkeypatch, epochs=2, lr=0.01)  # leaves a complete checkpoint
     caplog.clear()
     run_stage(stale, monkeypatch, epochs=2, lr=0.002)
-    assert "made with other train params or other data" in caplog.text
+    assert "made with other train params, data or training code" in caplog.text
     assert all(torch.equal(v, weights(fresh)[k]) for k, v in weights(stale).items())
 
     # same params, other data: also a fresh start
     write_processed(stale / "proc", n_train=300, n_val=64, seed=7)
     caplog.clear()
     run_stage(stale, monkeypatch, epochs=2, lr=0.002)
-    assert "made with other train params or other data" in caplog.text
+    assert "made with other train params, data or training code" in caplog.text
     # and a matching checkpoint of a finished run is resumed (nothing left to train)
     caplog.clear()
     run_stage(stale, monkeypatch, epochs=2, lr=0.002)
     assert "resuming after epoch 2 of 2" in caplog.text
+    # same params and data, other training code (an edited model or loop): a fresh start
+    monkeypatch.setattr("stages.train.code_fingerprint", lambda: "edited models.py")
+    caplog.clear()
+    run_stage(stale, monkeypatch, epochs=2, lr=0.002)
+    assert "made with other train params, data or training code" in caplog.text
+    assert "resuming" not in caplog.text
 
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path: Path,
