@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,8 +87,10 @@ def load_split(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             return npz["images"], npz["labels"]
-    except (ValueError, KeyError, OSError) as err:
-        raise UserError(f"{path}: not a valid split file ({err})") from None
+    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, AttributeError) as err:
+        # AttributeError: a plain .npy has no keys; the rest: a torn or foreign file
+        raise UserError(f"{path}: not a valid split file ({type(err).__name__}: {err}); "
+                        "re-run the stage that writes it (dvc repro -f <stage>)") from None
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -99,4 +102,8 @@ def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: missing; run the stage that writes it (dvc repro)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err}); re-run the stage that writes it "
+                        "(dvc repro -f <stage>)") from None

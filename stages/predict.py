@@ -27,7 +27,7 @@ def load_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     """An image file as uint8 3 x H x W at ``size`` (height, width)."""
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=("PNG", "JPEG")) as img:
             img = img.convert("RGB")
             if img.size != (size[1], size[0]):
                 # LANCZOS averages when shrinking, so a large photo does not alias
@@ -35,8 +35,8 @@ def load_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
             arr = np.asarray(img, dtype=np.uint8)
     except FileNotFoundError:
         raise UserError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"{path}: not a readable image ({err})") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+        raise UserError(f"{path}: not a readable PNG/JPEG image ({err})") from None
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 

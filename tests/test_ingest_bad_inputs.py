@@ -99,6 +99,11 @@ def _npz_object(tmp: Path) -> dict:
     return {"source": "npz", "path": str(tmp / "d.npz")}
 
 
+def _npy_not_npz(tmp: Path) -> dict:
+    np.save(tmp / "d.npy", np.zeros((2, 32, 32, 3), np.uint8))
+    return {"source": "npz", "path": str(tmp / "d.npy")}
+
+
 def _npz_dtype(tmp: Path) -> dict:
     np.savez(tmp / "d.npz", X_train=np.zeros((2, 32, 32, 3)), y_train=np.zeros(2, np.int64),
              X_test=np.zeros((1, 32, 32, 3), np.uint8), y_test=np.zeros(1, np.int64))
@@ -144,6 +149,7 @@ CASES: dict[str, tuple[Callable[[Path], dict], str]] = {
                         "does not exist"),
     "npz object arrays": (_npz_object, "object (pickled) arrays"),
     "npz float images": (_npz_dtype, "dtype float64"),
+    "npy instead of npz": (_npy_not_npz, "a single .npy array"),
     "missing npz": (lambda t: {"source": "npz", "path": str(t / "x.npz")}, "does not exist"),
     "empty class folder": (_empty_class, "train/c has no PNG/JPEG images"),
     "unreadable image": (_unreadable, "bad.png: unreadable image"),

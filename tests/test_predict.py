@@ -74,8 +74,14 @@ def test_predict_reports_unreadable_files(trained: Path, tmp_path: Path,
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
     monkeypatch.chdir(trained)
-    with pytest.raises(UserError, match="notes.png: not a readable image"):
+    with pytest.raises(UserError, match="notes.png: not a readable PNG/JPEG image"):
         predict_main([str(bad)])
+    # a decompression bomb (tiny file, 196 megapixels) is refused, not decoded
+    from PIL import Image
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (14000, 14000)).save(bomb)
+    with pytest.raises(UserError, match="bomb.png: not a readable PNG/JPEG image"):
+        predict_main([str(bomb)])
     with pytest.raises(UserError, match="missing.jpg: no such image file"):
         predict_main([str(tmp_path / "missing.jpg")])
     with pytest.raises(UserError, match="model file not found"):

@@ -50,9 +50,10 @@ def load_npz(path: str | None) -> RawData:
         raise UserError(f"data.path: {p} does not exist (or is not a file); set it to your "
                         ".npz with X_train, y_train, X_test, y_test")
     try:
-        with np.load(p, allow_pickle=False) as npz:
-            if not hasattr(npz, "files"):
-                raise UserError(f"{p}: a single .npy array, not an .npz archive with {KEYS}")
+        loaded = np.load(p, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise UserError(f"{p}: a single .npy array, not an .npz archive with {KEYS}")
+        with loaded as npz:
             missing = [k for k in KEYS if k not in npz.files]
             if missing:
                 raise UserError(f"{p}: missing {', '.join(missing)} (has {', '.join(npz.files)});"
