@@ -60,8 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the command line and run the chosen flow."""
+    """Parse the command line and run the chosen flow; a user mistake is one line, exit 2."""
+    from stages.errors import UserError
+
     args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UserError as exc:
+        print(f"convflow.flow: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from flows.pipeline import resolve_root
+
+    # a wrong --root is a one-line error before Prefect starts (or starts a server)
+    args.root = str(resolve_root(args.root))
     if args.command == "sweep":
         from flows.sweep import sweep
 

@@ -408,6 +408,7 @@ def pipeline(root: str | None = None, force: bool = False, timeout_s: float | No
     log = get_run_logger()
     repo_root = resolve_root(root)
     os.chdir(repo_root)  # stages and DVC resolve paths from the root, whoever started us
+    log.info("repository root: %s", repo_root)
     retry_stages = list(DEFAULT_RETRY_STAGES if retry_stages is None else retry_stages)
     stage_task = run_stage.with_options(
         retries=retries,

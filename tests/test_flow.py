@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -218,3 +219,15 @@ def test_prefect_yaml_deployments_are_valid_and_never_overlap():
         flow_obj = load_flow_from_entrypoint(str(root / d.entrypoint))
         # every parameter the deployment sets is one the flow takes
         assert set(d.parameters) <= set(flow_obj.parameters.properties), d.name
+
+
+def test_cli_outside_a_checkout_is_one_clear_line(tmp_path: Path) -> None:
+    """A wrong --root stops before any flow run starts: one line, exit 2, no traceback."""
+    from conftest import run
+
+    for command in (["run"], ["sweep", "-S", "train.lr=0.1"]):
+        proc = run([sys.executable, "-m", "flows", *command, "--root", str(tmp_path)],
+                   cwd=tmp_path, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert f"convflow.flow: error: no dvc.yaml found in {tmp_path}" in proc.stderr
+        assert "Traceback" not in proc.stderr
