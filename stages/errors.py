@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -52,6 +53,9 @@ def run_cli(main: Callable[[Sequence[str] | None], object],
         module = spec.name if spec is not None else "stage"
     stage = module.rsplit(".", 1)[-1]
     log = logging.getLogger(f"convflow.{stage}")
+    # SIGTERM (a Prefect timeout, `kill`) unwinds like Ctrl-C, so atomic outputs clean up
+    # their temp folders instead of leaving them beside the real ones
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         main(argv)
     except UserError as err:
@@ -60,3 +64,14 @@ def run_cli(main: Callable[[Sequence[str] | None], object],
     except KeyboardInterrupt:
         log.error("interrupted")
         sys.exit(130)
+    except _Terminated:
+        log.error("terminated")
+        sys.exit(143)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so ``finally`` and cleanup blocks run."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated

@@ -166,7 +166,14 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UserError(f"{path}: not a readable convflow model ({err})") from None
+        # torch's own text runs to many lines and suggests weights_only=False: never echo that
+        text = str(err).strip()
+        if "Weights only load failed" in text:
+            reason = "not a torch file, or it holds objects beyond weights and plain data"
+        else:
+            reason = text.splitlines()[0] if text else type(err).__name__
+        raise UserError(f"{path}: not a readable convflow model ({reason}); "
+                        "re-run `dvc repro train` or pass the right --model") from None
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise UserError(f"{path}: not a convflow model file (format {MODEL_FORMAT} expected)")
     norm = blob["normalization"]

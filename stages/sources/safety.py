@@ -86,7 +86,7 @@ def download(url: str, dest: str | Path, expected_sha256: str, timeout: float = 
             raise DownloadError(f"download of {url} was cut off before the end; run again. "
                                 f"{offline_help}") from None
         except urllib.error.HTTPError as err:
-            if err.code < 500:  # 404 and friends: the URL is wrong, a retry will not help
+            if err.code < 500 and err.code not in (408, 429):  # 404...: the URL is wrong
                 raise UserError(f"could not download {url}: HTTP {err.code} {err.reason}; "
                                 f"check data.url. {offline_help}") from None
             raise DownloadError(f"could not download {url}: HTTP {err.code} {err.reason}. "
