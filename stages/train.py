@@ -142,7 +142,7 @@ def code_fingerprint() -> str:
     return h.hexdigest()
 
 
-def run_fingerprint(p: TrainParams, data_hash: str, code_hash: str = "") -> str:
+def run_fingerprint(p: TrainParams, data_hash: str, code_hash: str) -> str:
     """Identity of a training run: every train param, the data it reads and the code."""
     blob = json.dumps({"params": p.model_dump(mode="json"), "data": data_hash,
                        "code": code_hash}, sort_keys=True)
