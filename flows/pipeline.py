@@ -358,52 +358,16 @@ def publish_artifacts(root: Path, summary: list[dict[str, Any]]) -> None:
                              description="Metrics and params against the last commit")
 
 
-# ---------------------------------------------------------------------------- push / commit
-
-def dvc_push(root: Path) -> None:
-    """``dvc push`` to the default remote."""
-    subprocess.run([sys.executable, "-m", "dvc", "push"], cwd=root, env=subprocess_env(),
-                   check=True)
-
-
-def commit_results(root: Path, message: str) -> bool:
-    """Commit dvc.lock, params files and uncached metrics/plots; False if nothing changed."""
-    from dvc.dependency import ParamsDependency
-    from dvc.repo import Repo
-
-    paths = {"dvc.lock"}
-    with Repo(str(root)) as repo:
-        for stage in repo.index.stages:
-            for dep in stage.deps:
-                if isinstance(dep, ParamsDependency):
-                    paths.add(os.path.relpath(dep.fs_path, root))
-            for out in stage.outs:
-                if (out.metric or out.plot) and not out.use_cache:
-                    paths.add(os.path.relpath(out.fs_path, root))
-    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
-                             cwd=root, capture_output=True, text=True, check=True).stdout
-    # DVC adds each output to a .gitignore beside it: commit those too, or the tree stays dirty
-    paths |= {line[3:] for line in changed.splitlines() if line[3:].endswith(".gitignore")}
-    paths = {p for p in paths if (root / p).exists()}
-    subprocess.run(["git", "add", "--", *sorted(paths)], cwd=root, check=True)
-    staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", *sorted(paths)],
-                            cwd=root)
-    if staged.returncode == 0:
-        return False
-    subprocess.run(["git", "commit", "-q", "-m", message, "--", *sorted(paths)], cwd=root,
-                   check=True)
-    return True
-
-
 # ---------------------------------------------------------------------------- the flow
 
 @flow(name="convflow-pipeline", log_prints=False)
 def pipeline(root: str | None = None, force: bool = False, timeout_s: float | None = None,
              retries: int = 2, retry_delay_s: float = 10.0,
              retry_stages: list[str] | None = None,
-             push: bool = False, commit: bool = False) -> list[dict[str, Any]]:
+             push: bool = False, commit: bool = False, pull: bool = False,
+             branch: str | None = None) -> list[dict[str, Any]]:
     """Reproduce the DVC pipeline, one Prefect task per stage, in DVC's own order."""
-    from prefect.runtime import flow_run
+    from flows import publish  # pull / push / commit: outputs to DVC, results to git
 
     log = get_run_logger()
     repo_root = resolve_root(root)
@@ -415,6 +379,8 @@ def pipeline(root: str | None = None, force: bool = False, timeout_s: float | No
         retry_delay_seconds=exponential_backoff(backoff_factor=retry_delay_s) if retries else 0,
         retry_jitter_factor=0.2 if retries else None,
     )
+    if pull:
+        publish.start_run(repo_root, retries, retry_delay_s)
     forget_repo(repo_root)  # read dvc.yaml afresh on every run
     nodes = stage_graph(repo_root)
     log.info("stages in DVC order: %s", ", ".join(n.name for n in nodes))
@@ -452,10 +418,5 @@ def pipeline(root: str | None = None, force: bool = False, timeout_s: float | No
     if failed:
         name, message = next(iter(failed.items()))
         raise StageFailed(name, message, None, False)
-    if push:
-        dvc_push(repo_root)
-    if commit:
-        run_name = flow_run.name or "manual"
-        if commit_results(repo_root, f"convflow: pipeline run {run_name} ({flow_run.id})"):
-            log.info("committed dvc.lock, params and metrics")
+    publish.finish_run(repo_root, "pipeline", push, commit, branch, retries, retry_delay_s)
     return summary
