@@ -116,9 +116,13 @@ def _remote_error(root: Path, action: str, proc: subprocess.CompletedProcess,
 # ---------------------------------------------------------------------------- DVC remote
 
 def dvc_pull(root: str | Path, remote: str | None = None) -> None:
-    """``dvc pull --allow-missing``: what the remote has for this commit; the rest is rebuilt."""
+    """``dvc pull --allow-missing --run-cache``: what the remote has; the rest is rebuilt.
+
+    With the run-cache, a stage some run already ran with the same inputs is restored
+    (``dvc repro``: "Stage is cached"), even where this commit's dvc.lock does not name it.
+    """
     root = Path(root)
-    args = ["pull", "--allow-missing", *(["-r", remote] if remote else [])]
+    args = ["pull", "--allow-missing", "--run-cache", *(["-r", remote] if remote else [])]
     proc = _dvc(root, *args)
     if proc.returncode != 0:
         raise _remote_error(root, "pull", proc, remote)
@@ -301,19 +305,21 @@ def _retry_if_transient(task_: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-@task(name="dvc-pull", cache_policy=NO_CACHE, retry_condition_fn=_retry_if_transient)
+@task(name="dvc-pull", task_run_name="dvc-pull", cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_if_transient)
 def pull_task(root: str) -> None:
     """Fetch what the DVC remote has for this commit (stages it lacks are reproduced)."""
     dvc_pull(root)
 
 
-@task(name="dvc-push", cache_policy=NO_CACHE, retry_condition_fn=_retry_if_transient)
+@task(name="dvc-push", task_run_name="dvc-push", cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_if_transient)
 def push_task(root: str) -> None:
     """Push every output and the run-cache to the DVC remote."""
     dvc_push(root)
 
 
-@task(name="git-publish", cache_policy=NO_CACHE)
+@task(name="git-publish", task_run_name="git-publish", cache_policy=NO_CACHE)
 def publish_task(root: str, message: str, branch: str | None) -> str | None:
     """Commit the results and push them to the git remote (retried on a rejected push)."""
     return publish_results(root, message, branch=branch)
