@@ -41,6 +41,8 @@ GIT_REMOTE = "origin"
 RESULTS_PREFIX = "results/"
 #: Attempts at pushing the results commit when another run keeps pushing first.
 PUSH_ATTEMPTS = 5
+#: Seconds a ``dvc pull``/``push`` may take before it counts as stalled (then retried).
+REMOTE_TIMEOUT_S = 3 * 3600
 #: DVC errors that retrying cannot fix: bad credentials, a missing bucket, no remote set.
 _PERMANENT = re.compile(
     r"403|Forbidden|AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|NoSuchBucket|"
@@ -86,8 +88,14 @@ def _git(root: Path, *args: str, check: bool = True, env: dict[str, str] | None 
 
 
 def _dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=_env(),
-                          capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "dvc", *args]
+    try:
+        return subprocess.run(cmd, cwd=root, env=_env(), capture_output=True, text=True,
+                              timeout=REMOTE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        # a stalled transfer: report it like a failed one (transient, so retried)
+        return subprocess.CompletedProcess(
+            cmd, 124, "", f"ERROR: no answer within {REMOTE_TIMEOUT_S} s (stalled transfer)")
 
 
 def describe_remote(root: Path, remote: str | None = None) -> str:

@@ -142,3 +142,20 @@ def test_the_flow_commits_on_a_results_branch_with_the_run_and_start_in_the_mess
     run_id = str(state.state_details.flow_run_id)
     assert message.startswith("convflow: pipeline run ") and run_id in message
     assert f"Started from: {start}" in message
+
+
+def test_a_run_from_a_newer_main_joins_the_results_history(origin, tmp_path):
+    first = run_in_clone(origin, tmp_path / "first", 3)
+    older = publish(first, "convflow: pipeline run r1 (id-1)", branch=BRANCH)
+    dev = tmp_path / "dev"
+    git(tmp_path, "clone", "-q", str(origin), str(dev))
+    (dev / "NOTES.md").write_text("a change on main\n")
+    git(dev, "add", "NOTES.md")
+    git(dev, "commit", "-q", "-m", "main moves on")
+    git(dev, "push", "-q", "origin", "main")
+    second = run_in_clone(origin, tmp_path / "second", 4)
+    start = git(second, "rev-parse", "HEAD").strip()
+    publish(second, "convflow: pipeline run r2 (id-2)", branch=BRANCH)
+    # parents: the branch's tip (history kept) and the new start (its code is the tree's)
+    assert git(origin, "log", "-1", "--format=%P", BRANCH).split() == [older, start]
+    assert "NOTES.md" in git(origin, "ls-tree", "--name-only", BRANCH).split()
