@@ -214,13 +214,14 @@ def _has_remote(root: Path, remote: str) -> bool:
 
 
 def publish_results(root: str | Path, message: str, branch: str | None = None,
-                    files: list[str] | None = None, remote: str = GIT_REMOTE,
+                    files: list[str] | None = None, remote: str | None = GIT_REMOTE,
                     attempts: int = PUSH_ATTEMPTS) -> str | None:
     """Commit the run's results on ``branch`` and push it; the new commit, None if no change.
 
     ``branch`` defaults to the current one. ``files`` defaults to ``results_files``. The
     commit's parents are the branch's tip (remote tip if ``remote`` exists) and the commit
     the run started from; a rejected push is retried on the new tip, never forced.
+    ``remote=None`` (or no such git remote) commits locally only.
     """
     root = Path(root)
     start = _git(root, "rev-parse", "HEAD").stdout.strip()
@@ -229,7 +230,7 @@ def publish_results(root: str | Path, message: str, branch: str | None = None,
     if not branch:
         raise PublishError("no branch to publish to: HEAD is detached; pass a branch")
     tree = _snapshot_tree(root, results_files(root) if files is None else files)
-    pushing = _has_remote(root, remote)
+    pushing = remote is not None and _has_remote(root, remote)
     last = ""
     for attempt in range(1, max(1, attempts) + 1):
         if pushing:
@@ -260,15 +261,24 @@ def publish_results(root: str | Path, message: str, branch: str | None = None,
             log.info("pushed results %s to %s/%s (attempt %d)", commit[:12], remote, branch,
                      attempt)
             return commit
-        last = (proc.stderr + proc.stdout).strip()
+        last = _push_failure(proc)
         if not _rejected(proc.stdout):
             break  # not a race with another run (no access, no network): retrying won't help
         log.warning("push of results to %s/%s rejected (another run pushed first): "
                     "fetching and retrying (%d/%d)", remote, branch, attempt, attempts)
         time.sleep(min(0.5 * attempt, 3.0))
     raise PublishError(
-        f"could not push the results commit to {remote}/{branch}: {last.splitlines()[-1:]}; "
-        "the outputs are in the DVC remote (dvc push ran first); rerun to publish them")
+        f"could not push the results commit to {remote}/{branch}: {last.strip()}; nothing is "
+        "lost: the outputs pushed to the DVC remote stay there; rerun to publish the results")
+
+
+def _push_failure(proc: subprocess.CompletedProcess) -> str:
+    """Why ``git push --porcelain`` failed: the rejected ref's reason, else git's last error."""
+    for line in proc.stdout.splitlines():
+        if line.startswith("!\t"):
+            return "rejected " + line.split("\t")[-1].strip()
+    errors = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    return errors[-1] if errors else f"git push exited with status {proc.returncode}"
 
 
 def _rejected(porcelain: str) -> bool:
@@ -328,9 +338,10 @@ def push_task(root: str) -> None:
 
 
 @task(name="git-publish", task_run_name="git-publish", cache_policy=NO_CACHE)
-def publish_task(root: str, message: str, branch: str | None) -> str | None:
+def publish_task(root: str, message: str, branch: str | None,
+                 remote: str | None = GIT_REMOTE) -> str | None:
     """Commit the results and push them to the git remote (retried on a rejected push)."""
-    return publish_results(root, message, branch=branch)
+    return publish_results(root, message, branch=branch, remote=remote)
 
 
 def _with_retries(task_: Any, retries: int, retry_delay_s: float) -> Any:
@@ -347,8 +358,8 @@ def finish_run(root: str | Path, kind: str, push: bool, commit: bool,
                retry_delay_s: float = 10.0) -> str | None:
     """In a flow: push the outputs (first: a commit must never name missing data), then commit.
 
-    ``branch`` defaults to ``results/<deployment>`` in a deployment run, else the current
-    branch. Returns the results commit, or None.
+    ``branch`` defaults to ``results/<deployment>`` in a deployment run; without one the
+    commit goes on the current branch and is not pushed. Returns the commit, or None.
     """
     from prefect.runtime import deployment, flow_run
 
@@ -358,4 +369,6 @@ def finish_run(root: str | Path, kind: str, push: bool, commit: bool,
         return None
     name = deployment.name
     message = run_message(kind, root, flow_run.name, flow_run.id, name)
-    return publish_task(str(root), message, branch or default_branch(name))
+    branch = branch or default_branch(name)
+    # a results branch is pushed; a local run's commit on the current branch stays local
+    return publish_task(str(root), message, branch, GIT_REMOTE if branch else None)

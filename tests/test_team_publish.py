@@ -123,7 +123,7 @@ def test_a_push_that_keeps_being_rejected_fails_clearly(origin, tmp_path):
     _pre_push_hook(second, f'cd "{Path.cwd()}" && "{sys.executable}" -c "{code}"')
     # one attempt only: the other run's push wins and this one gives up, saying so
     with pytest.raises(PublishError, match=r"could not push the results commit to "
-                       r"origin/results/nightly.*outputs are in the DVC remote"):
+                       r"origin/results/nightly: .*rejected.*nothing is lost"):
         publish(second, "convflow: pipeline run second (id-2)", branch=BRANCH, attempts=1)
     log = git(origin, "log", "--format=%s", f"main..{BRANCH}").splitlines()
     assert log == ["convflow: pipeline run first (id-1)"]
