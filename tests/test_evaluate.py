@@ -87,8 +87,8 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
 
 def test_batch_size_does_not_change_predictions() -> None:
     model, x = _model(), _images(23)
-    one_batch = ev.predict(model, x, batch_size=100)
-    np.testing.assert_allclose(ev.predict(model, x, batch_size=4), one_batch, atol=1e-5)
+    one_batch = ev.log_probs(model, x, batch_size=100)
+    np.testing.assert_allclose(ev.log_probs(model, x, batch_size=4), one_batch, atol=1e-5)
     # log-probabilities: each row's probabilities sum to 1
     np.testing.assert_allclose(np.exp(one_batch).sum(axis=1), 1.0, atol=1e-6)
 
@@ -98,7 +98,7 @@ def test_tta_flip_averages_the_probabilities_of_image_and_mirror() -> None:
     with torch.no_grad():
         t = torch.from_numpy(x)
         expected = (model(t).softmax(1) + model(t.flip(-1)).softmax(1)) / 2
-    got = np.exp(ev.predict(model, x, batch_size=2, tta_flip=True))
+    got = np.exp(ev.log_probs(model, x, batch_size=2, tta_flip=True))
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
 
 
