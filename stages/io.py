@@ -225,7 +225,7 @@ def _numbers(value: object, n: int) -> bool:
 def _read_splits(folder: Path, index: str, names: tuple[str, ...], fix: str,
                  ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """The JSON index of a data folder and its splits, each checked against the other."""
-    info = read_json(folder / index)
+    info = read_json(folder / index, fix)
     if not isinstance(info, dict):
         raise UserError(f"{folder / index}: expected a JSON object, got "
                         f"{type(info).__name__}; {fix}")
@@ -271,7 +271,8 @@ def write_json(path: str | Path, obj: Any) -> None:
     Path(path).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-def read_json(path: str | Path) -> Any:
+def read_json(path: str | Path, fix: str = "re-run the stage that writes it "
+              "(dvc repro -f <stage>)") -> Any:
     """Parse a JSON file the pipeline wrote; a missing or torn file is one clear line."""
     path = Path(path)
     if not path.is_file():
@@ -279,5 +280,4 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-        raise UserError(f"{path}: not valid JSON ({err}); re-run the stage that writes it "
-                        "(dvc repro -f <stage>)") from None
+        raise UserError(f"{path}: not valid JSON ({err}); {fix}") from None

@@ -27,6 +27,8 @@ from stages.params import PlotParams, load_params
 
 log = logging.getLogger("convflow.plot")
 
+TRAIN_FIX = "re-run train: dvc repro -f train"
+EVALUATE_FIX = "re-run evaluate: dvc repro -f evaluate"
 #: Where train's dvclive logs put the series the plots read (see dvc.yaml's train stage).
 LOSS_HISTORY = "plots/custom/loss_history.json"
 ACCURACY_SERIES = {"train": "plots/metrics/train/acc.tsv",
@@ -106,21 +108,17 @@ def read_loss_history(path: Path) -> tuple[list[float], list[float]]:
     """The per-iteration loss rows train logged with ``live.log_plot("loss_history", ...)``."""
     if not path.is_file():
         raise UserError(f"{path}: missing; run the train stage first (dvc repro train)")
-    rows = read_json(path)
+    rows = read_json(path, TRAIN_FIX)
     try:
         return [float(r["iteration"]) for r in rows], [float(r["loss"]) for r in rows]
     except (TypeError, KeyError, ValueError):
         pass
-    raise UserError(f"{path}: expected a list of {{'iteration', 'loss'}} rows; re-run train "
-                    "(dvc repro -f train)")
-
-
-EVALUATE_FIX = "re-run evaluate: dvc repro -f evaluate"
+    raise UserError(f"{path}: expected a list of {{'iteration', 'loss'}} rows; {TRAIN_FIX}")
 
 
 def read_confusion(path: Path, classes: list[str]) -> np.ndarray:
     """The confusion matrix evaluate wrote, checked against the data's classes."""
-    blob = read_json(path)
+    blob = read_json(path, EVALUATE_FIX)
     matrix = np.asarray(blob.get("matrix") if isinstance(blob, dict) else None, dtype=object)
     k = len(classes)
     if not isinstance(blob, dict) or blob.get("classes") != classes or matrix.shape != (k, k) \
@@ -154,7 +152,7 @@ def read_predictions(path: Path, labels: np.ndarray, n_classes: int) -> np.ndarr
 
 def read_wrong(path: Path, n_test: int) -> list[dict[str, Any]]:
     """evaluate's most confidently wrong images, checked against the test split."""
-    rows = read_json(path)
+    rows = read_json(path, EVALUATE_FIX)
     keys = ("index", "actual", "predicted", "confidence")
     if not isinstance(rows, list) or not all(
             isinstance(r, dict) and all(k in r for k in keys)

@@ -15,7 +15,7 @@ from PIL import Image
 from stages import evaluate as ev
 from stages import figures
 from stages import plot as pl
-from stages.errors import UserError
+from stages.errors import UserError, run_cli
 from stages.io import save_split, write_json
 from stages.models import build_model, save_model
 from stages.params import PlotParams
@@ -234,6 +234,47 @@ def test_stage_without_training_logs_says_what_to_run(tmp_path: Path,
         pl.main(["--data", "data/processed", "--raw", "data/raw", "--model", "models/model.pt",
                  "--eval", "results/evaluate", "--metrics", "metrics", "--live", "dvclive/train",
                  "--out", "figs"])
+    assert not (tmp_path / "figs").exists()
+
+
+PLOT_ARGV = ["--data", "data/processed", "--raw", "data/raw", "--model", "models/model.pt",
+             "--eval", "results/evaluate", "--metrics", "metrics", "--live", "dvclive/train",
+             "--out", "figs"]
+
+
+def _tear(path: Path) -> None:
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda r: _tear(r / "dvclive/train/plots/custom/loss_history.json"),
+     "loss_history.json: not valid JSON"),
+    (lambda r: (r / "dvclive/train/plots/custom/loss_history.json").write_text('{"a": 1}'),
+     "loss_history.json: expected a list of {'iteration', 'loss'} rows"),
+    (lambda r: _tear(r / "results/evaluate/predictions.npz"),
+     "predictions.npz: not a valid labels/predicted file"),
+    (lambda r: _tear(r / "metrics/confusion.json"), "confusion.json: not valid JSON"),
+    (lambda r: (r / "metrics/confusion.json").write_text('{"matrix": [[1]]}'),
+     "confusion.json: expected a 10 x 10 matrix of counts"),
+    (lambda r: (r / "results/evaluate/wrong.json").write_text('[{"index": 99999}]'),
+     "wrong.json: expected rows of index, actual, predicted, confidence"),
+])
+def test_a_torn_or_foreign_input_is_one_line_naming_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+        damage: object, message: str) -> None:
+    _write_pipeline_outputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    ev.main(["--data", "data/processed", "--model", "models/model.pt", "--metrics", "metrics",
+             "--out", "results/evaluate"])
+    damage(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        run_cli(pl.main, PLOT_ARGV)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("convflow.plot: error: ") and message in err
+    assert "dvc repro -f " in err  # and the command that rebuilds it
     assert not (tmp_path / "figs").exists()
 
 
