@@ -60,8 +60,8 @@ def _out_of_space(out: Path, tmp: Path, err: OSError, need: int | None) -> UserE
     written = _tree_bytes(tmp) if tmp.exists() else 0
     free = shutil.disk_usage(out.parent).free
     needed = f"needs {_mb(need)}" if need else f"needs more than the {_mb(written)} written"
-    return UserError(f"{out}: no space left on the device ({os.strerror(err.errno)}): "
-                     f"{needed}, {_mb(free)} free; free some space (or move the repository) "
+    return UserError(f"{out}: out of space ({os.strerror(err.errno)}): {needed}, {_mb(free)} "
+                     "free; nothing was kept. Free some space (or raise the file-size limit) "
                      "and run again")
 
 

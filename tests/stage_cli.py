@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +11,24 @@ from conftest import PROJECT, subprocess_env
 
 
 def run_stage(module: str, args: list[str], cwd: Path, timeout: float = 120,
+              memory_mb: int | None = None, file_mb: float | None = None,
               **env: str) -> subprocess.CompletedProcess:
-    """``python -m stages.<module> ARGS`` in ``cwd``, with this checkout's code."""
+    """``python -m stages.<module> ARGS`` in ``cwd``, with this checkout's code; optionally
+    under an address-space limit (RLIMIT_AS) and a file-size limit (RLIMIT_FSIZE)."""
     # PYTHONPATH: this checkout's stages, not whichever copy the venv has installed
-    full_env = {**subprocess_env(), "PYTHONPATH": str(PROJECT), **env}
+    full_env = {**subprocess_env(), "PYTHONPATH": str(PROJECT), "OPENBLAS_NUM_THREADS": "1",
+                **env}
+
+    def limit() -> None:
+        if memory_mb is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
+        if file_mb is not None:
+            size = int(file_mb * (1 << 20))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
     return subprocess.run([sys.executable, "-m", f"stages.{module}", *args], cwd=cwd,
-                          env=full_env, text=True, capture_output=True, timeout=timeout)
+                          env=full_env, text=True, capture_output=True, timeout=timeout,
+                          preexec_fn=limit)
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, stage: str, message: str) -> str:

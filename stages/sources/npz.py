@@ -81,9 +81,9 @@ def _class_names(names: np.ndarray | None, y_train: np.ndarray, y_test: np.ndarr
     if not np.array_equal(values, np.arange(k)):
         bad = values[(values < 0) | (values >= k)][:5].tolist()
         raise UserError(
-            f"{path}: without a 'classes' array the labels must be exactly 0..k-1; these "
-            f"{k} distinct labels include {', '.join(map(str, bad))}. Fix the labels, or "
-            "save the class names too: np.savez(..., classes=np.array([...names...]))")
+            f"{path}: without a 'classes' array the labels must be exactly 0..k-1, but the {k} "
+            f"distinct labels include {', '.join(map(str, bad))} (outside 0..{k - 1}). Fix "
+            "the labels, or save the class names too: np.savez(..., classes=np.array([...]))")
     classes = CIFAR10_CLASSES if k == len(CIFAR10_CLASSES) else tuple(
         f"class_{i}" for i in range(k))
     log.info("%s: no 'classes' array; naming the classes %s", path, ", ".join(classes))
