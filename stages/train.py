@@ -422,14 +422,12 @@ class LiveLog:
                          report=None)
 
     def epoch(self, record: dict[str, float]) -> None:
-        """Log one epoch's record with step = epoch and rewrite the summary."""
+        """Log one epoch's record with step = epoch (the summary is written by finish only,
+        so a run killed mid-way leaves no metrics.json passing for the current result)."""
         self.live.step = int(record["epoch"])
         for name in SERIES:
             if name in record:
                 self.live.log_metric(name, record[name])
-        for name in NOT_IN_SUMMARY:
-            self.live.summary.pop(name, None)
-        self.live.make_summary()
 
     def finish(self, history: History, extra: dict[str, Any]) -> None:
         """Write the per-iteration loss history and the final summary."""
