@@ -111,6 +111,13 @@ def test_every_numeric_param_has_an_upper_bound_shown_when_exceeded(tmp_path: Pa
                                       "0 < x <= 500000")
 
 
+def test_a_run_sized_beyond_the_memory_is_one_line(tmp_path: Path) -> None:
+    """Within the bounds, but not within this (limited) machine: no MemoryError traceback."""
+    proc = _ingest(tmp_path, {"synthetic": {"n_train": 500_000}}, memory_mb=MEMORY_MB)
+    assert_user_error(proc, "ingest", "out of memory; lower the sizes in params.yaml")
+    _assert_nothing_left(tmp_path)
+
+
 def test_a_key_given_twice_in_params_yaml_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("data:\n  source: synthetic\n  source: npz\n")
     proc = run_stage("ingest", ["--out", "data/raw"], tmp_path)
