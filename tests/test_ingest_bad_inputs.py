@@ -74,8 +74,6 @@ def _unreadable(tmp: Path) -> dict:
 
 CASES: dict[str, tuple[Callable[[Path], dict], str]] = {
     "corrupt cifar10 archive": (_corrupt_cifar, "truncated or corrupt archive"),
-    "missing archive": (lambda t: {"source": "cifar10", "path": str(t / "none.tar.gz")},
-                        "does not exist"),
     "npz object arrays": (_npz_object, "object (pickled) arrays"),
     "npz float images": (_npz_dtype, "dtype float64"),
     "npy instead of npz": (_npy_not_npz, "a single .npy array"),
