@@ -216,6 +216,7 @@ def test_shown_commands_parse_both_block_kinds() -> None:
     assert params_diff.output[0].split() == ["Path", "Param", "HEAD~1", "HEAD"]
 
 
+@pytest.mark.slow  # two tiny pipeline runs and 14 dvc commands: ~38 s of CPU on 2 cores
 def test_readme_commands_run_as_printed(tmp_path: Path) -> None:
     """The quick start and every cheap command, in order, in a temp copy of the pipeline."""
     repo = make_pipeline_repo(tmp_path / "repo")
