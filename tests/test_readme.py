@@ -256,3 +256,17 @@ def test_ruff_check_is_clean_as_printed() -> None:
     proc = subprocess.run(["bash", "-c", "ruff check ."], cwd=PROJECT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_relative_links_resolve() -> None:
+    """Every relative link and image in the pages points at a file of this checkout."""
+    link = re.compile(r"\]\(([^)\s]+)\)")
+    broken = []
+    for page in PAGES:
+        path = PROJECT / page
+        for target in link.findall(path.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a URL or an anchor in the same page
+            if not (path.parent / target.split("#")[0]).exists():
+                broken.append(f"{page}: {target}")
+    assert not broken, broken
