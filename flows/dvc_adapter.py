@@ -32,8 +32,8 @@ class DvcMismatch(RuntimeError):
                          f"{what}")
 
 
-class DvcCommandError(RuntimeError):
-    """A ``dvc`` command failed; ``str()`` is DVC's own last error line."""
+class DvcError(RuntimeError):
+    """DVC refused (a broken dvc.yaml, an unknown revision...); ``str()`` is DVC's message."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def dvc_json(root: str | Path, *args: str) -> Any:
                           capture_output=True, text=True)
     if proc.returncode != 0:
         errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR")]
-        raise DvcCommandError((errors or proc.stderr.splitlines() or ["failed"])[-1])
+        raise DvcError((errors or proc.stderr.splitlines() or ["failed"])[-1])
     try:
         return json.loads(proc.stdout)
     except json.JSONDecodeError:
@@ -112,9 +112,15 @@ def _in_dir(folder: str | Path) -> Iterator[None]:
 
 @contextmanager
 def _internals(what: str) -> Iterator[None]:
-    """Turn an import or shape error of DVC's internals into :class:`DvcMismatch`."""
+    """DVC's own errors as :class:`DvcError`; a changed internal as :class:`DvcMismatch`."""
+    try:
+        from dvc.exceptions import DvcException
+    except ImportError as exc:
+        raise DvcMismatch(f"dvc.exceptions.DvcException: {exc}") from exc
     try:
         yield
+    except DvcException as exc:
+        raise DvcError(" ".join(str(exc).split())) from exc
     except (ImportError, AttributeError, TypeError) as exc:
         raise DvcMismatch(f"{what}: {type(exc).__name__}: {exc}") from exc
 

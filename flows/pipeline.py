@@ -145,6 +145,20 @@ def _retry_if_transient(task_: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+def server_lost(exc: BaseException) -> str | None:
+    """A one-line reason when ``exc`` (or what caused it) is the Prefect API not answering."""
+    import httpx
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ServerLost):
+            return str(seen)
+        if isinstance(seen, (httpx.TransportError, ConnectionError)):
+            return f"lost the Prefect server at {_api_url()}: {type(seen).__name__}: {seen}"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def dvc_failure(output: str, status: int | None) -> str | None:
     """Why a DVC command failed, or None: a non-zero status, or an ``ERROR:`` line with status 0.
 
@@ -324,7 +338,7 @@ def publish_artifacts(root: Path, summary: list[dict[str, Any]], rev: str = "HEA
                               description="Current metrics (dvc metrics show)")
     try:
         markdown = diff_markdown(metrics.result(), params.result(), rev)
-    except dvc.DvcCommandError as exc:  # e.g. a repository without commits yet
+    except dvc.DvcError as exc:  # e.g. a repository without commits yet
         markdown = f"No diff against `{rev}`: {exc}"
     create_markdown_artifact(markdown=markdown, key="convflow-diff",
                              description="Metrics and params against the last commit")

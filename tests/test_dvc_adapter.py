@@ -102,7 +102,7 @@ def test_metrics_rows_and_diff(repo: Path) -> None:
              f"metrics_diff: {diff}")
     finally:
         git(repo, "checkout", "--", "m.json")
-    with pytest.raises(adapter.DvcCommandError, match="unknown Git revision"):
+    with pytest.raises(adapter.DvcError, match="unknown Git revision"):
         adapter.metrics_diff(repo, "no-such-rev")
 
 
