@@ -127,6 +127,8 @@ class _ConsoleFilter(logging.Filter):
     """Prefect's console without tracebacks or repeats of the error the CLI prints once."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(("prefect.events", "prefect._internal")):
+            return False  # background services' complaints about a lost server
         engine = record.name.startswith(("prefect.flow_runs", "prefect.task_runs"))
         if engine and record.levelno >= logging.ERROR:
             return False
@@ -169,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     from stages.errors import UserError
 
     args = build_parser().parse_args(argv)
-    # fail fast when the server goes away: ~15 s of retries per request, not Prefect's ~60 s
-    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "3")
+    # Set before Prefect reads its settings. A lost server fails a run within a minute
+    # (~6 s of retries per request, not Prefect's ~60 s), and a run whose heartbeats stop
+    # is marked CRASHED about 70 s later (Prefect's default period is 180 s).
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
+    logging.raiseExceptions = False  # a log line the lost server cannot take is dropped
     try:
         return _dispatch(args)
     except UserError as exc:
@@ -207,25 +213,36 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "sweep":
         grid = _grid(args.grid)
         check_points(Path(args.root), grid)
+        from prefect import tags
+
+        from flows.pipeline import WATCHED_TAG, ensure_crash_detection
         from flows.sweep import sweep
 
         quiet_console()
-        rows = sweep(grid, root=args.root, max_parallel=args.jobs, timeout_s=args.timeout)
+        ensure_crash_detection()
+        with tags(WATCHED_TAG):
+            rows = sweep(grid, root=args.root, max_parallel=args.jobs, timeout_s=args.timeout)
         _print_sweep(grid, rows)
         return 0
     options: dict[str, Any] = {"timeout_s": args.timeout, "retries": args.retries,
                                "push": args.push, "commit": args.commit}
     if args.command == "serve":
+        from flows.pipeline import ensure_crash_detection
         from flows.serve import serve_pipeline
 
         quiet_console()
+        ensure_crash_detection()
         serve_pipeline(args.root, cron=args.cron, interval=args.interval,
                        collision=args.collision, name=args.name, parameters=options)
         return 0
-    from flows.pipeline import pipeline
+    from prefect import tags
+
+    from flows.pipeline import WATCHED_TAG, ensure_crash_detection, pipeline
 
     quiet_console()
-    summary = pipeline(root=args.root, force=args.force, **options)
+    ensure_crash_detection()
+    with tags(WATCHED_TAG):
+        summary = pipeline(root=args.root, force=args.force, **options)
     for row in summary:
         print(f"{row['stage']:<12} {row['status']:<24} {row['seconds']:.2f} s")
     return 0

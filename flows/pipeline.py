@@ -37,8 +37,8 @@ from flows.dvc_adapter import DiffRow, StageNode, dvc_command
 from flows.dvc_adapter import dvc_env as subprocess_env
 from stages.paths import find_root
 
-__all__ = ["StageNode", "StageFailed", "ServerLost", "pipeline", "resolve_root",
-           "stage_graph", "subprocess_env"]
+__all__ = ["StageNode", "StageFailed", "ServerLost", "ensure_crash_detection", "pipeline",
+           "resolve_root", "stage_graph", "subprocess_env"]
 
 #: Stages whose timeout can be transient (a stalled download): retried after a timeout.
 DEFAULT_RETRY_STAGES = ("ingest",)
@@ -47,7 +47,7 @@ KILL_GRACE_S = 10.0
 #: EX_TEMPFAIL: a stage's "the next attempt may succeed" (ingest's network failures).
 TEMPFAIL_EXIT = 75
 #: Seconds a running stage tolerates an unreachable Prefect server before it is stopped.
-API_LOST_S = float(os.environ.get("CONVFLOW_API_LOST_S", "30"))
+API_LOST_S = float(os.environ.get("CONVFLOW_API_LOST_S", "20"))
 #: Seconds between the health checks of the Prefect server while a stage runs.
 API_CHECK_S = 5.0
 GUARD = Path(__file__).resolve().with_name("guard.py")
@@ -363,6 +363,70 @@ def commit_results(root: Path, message: str) -> bool:
         return False
     subprocess.run(["git", "commit", "-q", "-m", message, "--", *paths], cwd=root, check=True)
     return True
+
+
+# ---------------------------------------------------------------------------- crashed runs
+
+#: The Prefect automation that marks a run CRASHED once its heartbeats stop.
+CRASH_AUTOMATION = "convflow: crash flow runs whose heartbeats stopped"
+#: The tag of the runs it watches: those started by ``python -m flows``, which sets the
+#: heartbeat period the automation expects (runs started otherwise keep Prefect's 180 s).
+WATCHED_TAG = "convflow-watched"
+
+
+def ensure_crash_detection() -> None:
+    """Have the Prefect server mark a flow run CRASHED when its heartbeats stop.
+
+    Prefect's own answer to "zombie" runs: every flow run sends a heartbeat event each
+    ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` seconds; this automation changes a run tagged
+    ``WATCHED_TAG`` whose next heartbeat (or end) does not come within two periods to
+    CRASHED. So a run whose process was killed, or that lost the server, does not stay
+    RUNNING: the server marks it as soon as it is up and the period has passed. Created
+    once per server, replaced if the period changed.
+    """
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+    from prefect.settings import get_current_settings
+
+    every = get_current_settings().flows.heartbeat_frequency
+    if not every or not _api_url():
+        return  # heartbeats off, or a temporary server that ends with this process
+    trigger = EventTrigger(
+        after={"prefect.flow-run.heartbeat"},
+        expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed"},
+        match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+        match_related=ResourceSpecification({"prefect.resource.id": f"prefect.tag.{WATCHED_TAG}",
+                                             "prefect.resource.role": "tag"}),
+        for_each={"prefect.resource.id"},
+        posture=Posture.Proactive,
+        threshold=1,
+        within=timedelta(seconds=2 * max(every, 30) + 10),
+    )
+    try:
+        existing = Automation.read(name=CRASH_AUTOMATION)
+    except ValueError:
+        existing = None
+    if existing is not None:
+        old = existing.trigger
+        if (getattr(old, "within", None) == trigger.within
+                and getattr(old, "match_related", None) == trigger.match_related):
+            return
+        existing.delete()
+    Automation(
+        name=CRASH_AUTOMATION,
+        description="Marks a flow run CRASHED when its heartbeats stop (convflow)",
+        trigger=trigger,
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message="no heartbeat: the flow process or its server "
+                                            "went away")],
+    ).create()
 
 
 # ---------------------------------------------------------------------------- the flow

@@ -15,7 +15,7 @@ from typing import Any
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.types.entrypoint import EntrypointType
 
-from flows.pipeline import pipeline, resolve_root
+from flows.pipeline import WATCHED_TAG, pipeline, resolve_root
 
 COLLISION = {"enqueue": ConcurrencyLimitStrategy.ENQUEUE,
              "cancel": ConcurrencyLimitStrategy.CANCEL_NEW}
@@ -38,7 +38,7 @@ def serve_pipeline(root: str | None = None, cron: str | None = None,
             # and several `serve` processes; the runner itself takes whatever the server releases
             global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=COLLISION[collision]),
             parameters={"root": str(repo_root), **(parameters or {})},
-            tags=["convflow"],
+            tags=["convflow", WATCHED_TAG],  # its runs are watched for missing heartbeats
             # import by module (the package is installed), not by a file path relative to cwd
             entrypoint_type=EntrypointType.MODULE_PATH,
         )

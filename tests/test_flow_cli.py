@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import PROJECT, dvc, run
 from prefect_fixtures import api_env, make_toy_repo, py_stage
 
@@ -132,3 +133,94 @@ def test_sigkill_of_the_flow_leaves_no_stage_running(prefect_api, tmp_path) -> N
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _start_server(home: Path, port: int) -> subprocess.Popen:
+    """``prefect server start`` on ``port`` with its database in ``home``; waits until healthy."""
+    from conftest import subprocess_env
+    from prefect_fixtures import SERVER_START_TIMEOUT_S, _healthy
+
+    env = subprocess_env()
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               DO_NOT_TRACK="1", PREFECT_SERVER_UI_ENABLED="false")
+    log = (home / "server.log").open("a")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+         "--port", str(port), "--no-ui", "--analytics-off"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while not _healthy(f"http://127.0.0.1:{port}/api"):
+        if server.poll() is not None or time.monotonic() > deadline:
+            _stop_server(server)
+            raise AssertionError((home / "server.log").read_text()[-3000:])
+        time.sleep(0.5)
+    return server
+
+
+def _stop_server(server: subprocess.Popen) -> None:
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+def _flow_run_states(api: str) -> list[str]:
+    import httpx
+
+    runs = httpx.post(f"{api}/flow_runs/filter", json={}, timeout=10).json()
+    return [run["state_type"] for run in runs]
+
+
+@pytest.mark.slow  # a Prefect server started twice, and Prefect's heartbeat period (~2.5 min)
+def test_losing_the_server_fails_fast_and_the_run_is_crashed_when_it_returns(tmp_path):
+    from prefect_fixtures import _free_port
+
+    from flows.dvc_adapter import forget, stage_changed
+
+    home, port = tmp_path / "prefect-home", _free_port()
+    home.mkdir()
+    api = f"http://127.0.0.1:{port}/api"
+    slow = ("import os, time; open('pid', 'w').write(str(os.getpid())); "
+            "open('s.txt.partial', 'w').write('half'); time.sleep(120); "
+            "os.replace('s.txt.partial', 's.txt')")
+    repo = make_toy_repo(tmp_path / "toy", {"slow": {"cmd": py_stage(slow), "outs": ["s.txt"]}})
+    env = api_env()
+    env.update(PREFECT_API_URL=api, PREFECT_HOME=str(home), CONVFLOW_API_LOST_S="10",
+               PREFECT_LOGGING_LEVEL="INFO")
+    server = _start_server(home, port)
+    flow_proc = None
+    try:
+        flow_proc = subprocess.Popen(
+            [sys.executable, "-m", "flows", "run", "--root", str(repo)], cwd=PROJECT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + 90
+        while not (repo / "pid").exists():
+            assert flow_proc.poll() is None and time.monotonic() < deadline, "no stage started"
+            time.sleep(0.2)
+        stage = int((repo / "pid").read_text())
+        _stop_server(server)
+        lost = time.monotonic()
+        out, err = flow_proc.communicate(timeout=90)
+        assert time.monotonic() - lost < 60, "the run noticed the lost server too late"
+        assert_one_line(subprocess.CompletedProcess([], flow_proc.returncode, out, err), 75,
+                        f"lost the Prefect server at {api}")
+        assert not _alive(stage), "the stage outlived its flow"
+        # the stage was stopped, not left half-written: DVC's lock is free, no output appeared
+        # (s.txt.partial is the toy stage's own temp file, which a real stage removes itself)
+        assert stage_changed(repo, "slow") and not (repo / "s.txt").exists()
+        forget(repo)
+
+        server = _start_server(home, port)  # the same port and database
+        deadline = time.monotonic() + 180
+        while _flow_run_states(api) != ["CRASHED"]:
+            assert time.monotonic() < deadline, f"run not crashed: {_flow_run_states(api)}"
+            time.sleep(2)
+    finally:
+        if flow_proc is not None and flow_proc.poll() is None:
+            os.killpg(flow_proc.pid, signal.SIGKILL)
+            flow_proc.wait()
+        _stop_server(server)
