@@ -1,10 +1,12 @@
 """The one door to DVC: everything convflow asks DVC, behind a small typed interface.
 
-Nothing else in convflow imports ``dvc``. Answers come from DVC's documented command line
-(``--json`` output) wherever it gives them; DVC's Python internals are used only where a
-subprocess would cost too much on every flow run (the stage graph and the per-stage
-"changed?" check: ~0.1 s in-process against ~1 s for a ``dvc`` subprocess) or where no
-public command answers (which files DVC expects git to track). Each answer's shape is
+Nothing else in convflow imports ``dvc``. DVC's Python internals are used only where the
+public ways cost too much on every flow run or do not answer: the stage graph, the
+per-stage "changed?" check (~0.1 s in-process against ~1 s for a ``dvc`` subprocess), the
+metrics and params the flow reports after each run (``dvc.api.metrics_show`` merges the
+files and drops their names; three ``dvc ... --json`` subprocesses added ~1-5 s to an
+up-to-date run), and which files DVC expects git to track. The experiments table, read
+once per sweep, comes from ``dvc exp show --json``. Each answer's shape is
 checked here, so a DVC release that changes one fails with :class:`DvcMismatch` naming
 what changed, not somewhere inside a flow run; ``tests/test_dvc_adapter.py`` exercises
 every function against a real repository. The versions it passes on bound ``dvc`` in
@@ -233,34 +235,41 @@ def metrics_rows(root: str | Path) -> list[MetricRow]:
 
     A metrics file DVC cannot read (missing, torn) has no rows.
     """
-    shown = dvc_json(root, "metrics", "show")
+    # in-process: `dvc metrics show --json` answers the same (this is what it prints) but
+    # costs ~1 s more per flow run; dvc.api.metrics_show merges the files and drops names
+    with _internals("Repo.metrics.show()"), _in_dir(root):
+        shown = _repo(root).metrics.show()
     try:
         files = shown[""]["data"] if shown else {}
         return [MetricRow(file=file, metric=key, value=value)
                 for file, entry in sorted(files.items())
                 for key, value in _flatten("", entry.get("data") or {}) if _scalar(value)]
     except (KeyError, TypeError, AttributeError) as exc:
-        raise DvcMismatch(f"`dvc metrics show --json` shape: {exc!r}") from exc
+        raise DvcMismatch(f"Repo.metrics.show() shape: {exc!r}") from exc
 
 
 def _diff_rows(answer: Any, command: str) -> list[DiffRow]:
     try:
         return [DiffRow(file=file, key=key, old=change.get("old"), new=change.get("new"),
                         diff=change.get("diff"))
-                for file, keys in sorted(answer.items())
+                for file, keys in sorted((answer.get("diff") or {}).items())
                 for key, change in sorted(keys.items())]
     except (TypeError, AttributeError) as exc:
-        raise DvcMismatch(f"`{command} --json` shape: {exc!r}") from exc
+        raise DvcMismatch(f"{command} shape: {exc!r}") from exc
 
 
 def metrics_diff(root: str | Path, rev: str = "HEAD") -> list[DiffRow]:
     """Metrics that differ between ``rev`` and the workspace (``dvc metrics diff rev``)."""
-    return _diff_rows(dvc_json(root, "metrics", "diff", rev), "dvc metrics diff")
+    with _internals("Repo.metrics.diff()"), _in_dir(root):
+        answer = _repo(root).metrics.diff(a_rev=rev)
+    return _diff_rows(answer, "Repo.metrics.diff()")
 
 
 def params_diff(root: str | Path, rev: str = "HEAD") -> list[DiffRow]:
     """Params that differ between ``rev`` and the workspace (``dvc params diff rev``)."""
-    return _diff_rows(dvc_json(root, "params", "diff", rev), "dvc params diff")
+    with _internals("Repo.params.diff()"), _in_dir(root):
+        answer = _repo(root).params.diff(a_rev=rev)
+    return _diff_rows(answer, "Repo.params.diff()")
 
 
 def exp_rows(root: str | Path, names: set[str] | None = None) -> list[dict[str, Any]]:
