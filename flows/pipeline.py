@@ -251,8 +251,8 @@ def run_guarded(cmd: list[str], root: Path, label: str, timeout_s: float | None,
                 last_seen = time.monotonic()
             elif api and time.monotonic() - last_seen > API_LOST_S:
                 kill_group(proc)
-                raise ServerLost(f"lost the Prefect server at {api} for {API_LOST_S:.0f} s: "
-                                 f"stopped '{label}'; nothing partial is left")
+                raise ServerLost(f"lost the Prefect server at {api} for {API_LOST_S:.0f} s; "
+                                 f"stopped '{label}' before it finished")
     except BaseException:  # the flow itself is cancelled or lost: take the stage down with it
         kill_group(proc)
         raise

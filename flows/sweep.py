@@ -24,6 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import dvc_adapter as dvc
 from flows.dvc_adapter import dvc_command
 from flows.pipeline import (
+    ServerLost,
     StageFailed,
     dvc_failure,
     resolve_root,
@@ -122,6 +123,8 @@ def sweep(grid: dict[str, list[Any]] | list[dict[str, Any]], root: str | None = 
                 state.result()
             except StageFailed as exc:
                 failures.append(exc)
+            except ServerLost:
+                raise
             except Exception as exc:
                 failures.append(StageFailed("sweep", f"{type(exc).__name__}: {exc}", None,
                                             False, kind="step"))
