@@ -24,15 +24,17 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+
+from flows.dvc_adapter import dvc_command, dvc_env
+from flows.pipeline import StageFailed, dvc_failure, run_guarded
 
 log = logging.getLogger("convflow.publish")
 
@@ -46,115 +48,107 @@ REMOTE_TIMEOUT_S = 3 * 3600
 #: DVC errors that retrying cannot fix: bad credentials, a missing bucket, no remote set.
 _PERMANENT = re.compile(
     r"403|Forbidden|AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|NoSuchBucket|"
-    r"no remote specified|is not a valid|Unable to locate credentials|"
+    r"no remote specified|is not a valid|Unable to locate credentials|Not a directory|"
     r"config file error", re.IGNORECASE)
 _ERROR_LINE = re.compile(r"^ERROR: .*$", re.MULTILINE)
 
 
-class RemoteError(RuntimeError):
-    """``dvc pull``/``push`` against the DVC remote failed; ``transient``: a retry may succeed."""
+class PublishError(StageFailed):
+    """The results commit could not be pushed to git (the DVC outputs are already safe)."""
 
-    def __init__(self, message: str, transient: bool):
-        super().__init__(message)
-        self.transient = transient
+    def __init__(self, message: str):
+        super().__init__("git push", message, None, False, kind="step")
 
     def __reduce__(self) -> tuple:
-        # Prefect may pickle a task's exception: keep the flag across that
-        return (RemoteError, (str(self), self.transient))
-
-
-class PublishError(RuntimeError):
-    """The results commit could not be pushed to git (the DVC outputs are already safe)."""
+        return (PublishError, (self.message,))
 
 
 # ---------------------------------------------------------------------------- helpers
 
-def _env() -> dict[str, str]:
-    """This interpreter's folder first on PATH (the venv's ``dvc``), no DVC analytics."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("DVC_NO_ANALYTICS", "1")
-    return env
-
-
 def _git(root: Path, *args: str, check: bool = True, env: dict[str, str] | None = None,
          ) -> subprocess.CompletedProcess:
     proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
-                          env=env or _env())
+                          env=env or dvc_env())
     if check and proc.returncode != 0:
         raise PublishError(f"git {' '.join(args)} failed: "
                            f"{(proc.stderr or proc.stdout).strip()}")
     return proc
 
 
-def _dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "dvc", *args]
+def _run_logger() -> Any:
+    """The flow or task run's logger inside a run (its lines reach the UI), else ours."""
+    from prefect.exceptions import MissingContextError
+
     try:
-        return subprocess.run(cmd, cwd=root, env=_env(), capture_output=True, text=True,
-                              timeout=REMOTE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        # a stalled transfer: report it like a failed one (transient, so retried)
-        return subprocess.CompletedProcess(
-            cmd, 124, "", f"ERROR: no answer within {REMOTE_TIMEOUT_S} s (stalled transfer)")
+        return get_run_logger()
+    except MissingContextError:
+        return log
+
+
+def _dvc_out(root: Path, *args: str) -> str:
+    return subprocess.run(dvc_command(*args), cwd=root, env=dvc_env(), capture_output=True,
+                          text=True).stdout
 
 
 def describe_remote(root: Path, remote: str | None = None) -> str:
-    """'name (url)' of the DVC remote ``remote`` or the default one, for error messages."""
-    name = remote or _dvc(root, "remote", "default").stdout.strip()
+    """'name' (url) of the DVC remote ``remote`` or the default one, for error messages."""
+    name = remote or _dvc_out(root, "remote", "default").strip()
     if not name:
         return "(no default DVC remote)"
-    for line in _dvc(root, "remote", "list").stdout.splitlines():
+    for line in _dvc_out(root, "remote", "list").splitlines():
         parts = line.split()
         if parts and parts[0] == name:
             return f"'{name}' ({parts[1]})" if len(parts) > 1 else f"'{name}'"
     return f"'{name}'"
 
 
-def _remote_error(root: Path, action: str, proc: subprocess.CompletedProcess,
-                  remote: str | None) -> RemoteError:
-    output = f"{proc.stdout}\n{proc.stderr}"
-    errors = _ERROR_LINE.findall(output)
-    detail = " ".join(e.strip() for e in errors) or output.strip()[-500:]
-    transient = not _PERMANENT.search(output)
-    kind = "retrying may help" if transient else "not retried: fix the remote's settings"
-    return RemoteError(f"dvc {action} with DVC remote {describe_remote(root, remote)} failed "
-                       f"({kind}): {detail}", transient)
+def _transfer(root: str | Path, step: str, args: list[str], remote: str | None,
+              logger: Any = None) -> None:
+    """Run ``dvc args...`` against the remote; a failure is a ``StageFailed`` naming it.
+
+    Its ``transient`` flag says whether a retry may help (a store that is down or slow:
+    yes; bad credentials or a missing bucket: no). DVC can log a failed transfer and exit
+    0: that is a failure too (``dvc_failure``).
+    """
+    root = Path(root)
+    output, status, timed_out = run_guarded(dvc_command(*args), root, step, REMOTE_TIMEOUT_S,
+                                            logger or _run_logger())
+    failure = (f"ERROR: no answer within {REMOTE_TIMEOUT_S} s (stalled transfer)" if timed_out
+               else dvc_failure(output, status))
+    if not failure:
+        return
+    errors = list(dict.fromkeys(e.strip() for e in _ERROR_LINE.findall(output)))
+    detail = " ".join(errors) if errors and not timed_out else failure
+    transient = timed_out or not _PERMANENT.search(output)
+    hint = "retrying may help" if transient else "not retried: fix the remote or its settings"
+    raise StageFailed(step, f"{detail} [DVC remote {describe_remote(root, remote)}; {hint}]",
+                      status, transient, kind="step")
 
 
 # ---------------------------------------------------------------------------- DVC remote
 
-def dvc_pull(root: str | Path, remote: str | None = None) -> None:
+def dvc_pull(root: str | Path, remote: str | None = None, logger: Any = None) -> None:
     """``dvc pull --allow-missing --run-cache``: what the remote has; the rest is rebuilt.
 
     With the run-cache, a stage some run already ran with the same inputs is restored
     (``dvc repro``: "Stage is cached"), even where this commit's dvc.lock does not name it.
     """
-    root = Path(root)
     args = ["pull", "--allow-missing", "--run-cache", *(["-r", remote] if remote else [])]
-    proc = _dvc(root, *args)
-    if proc.returncode != 0:
-        raise _remote_error(root, "pull", proc, remote)
-    log.info("dvc pull: %s", (proc.stdout.strip().splitlines() or ["done"])[-1])
+    _transfer(root, "dvc pull", args, remote, logger)
 
 
-def dvc_push(root: str | Path, remote: str | None = None) -> None:
+def dvc_push(root: str | Path, remote: str | None = None, logger: Any = None) -> None:
     """``dvc push --run-cache``: every output, and the run-cache so nothing trains twice."""
-    root = Path(root)
-    proc = _dvc(root, "push", "--run-cache", *(["-r", remote] if remote else []))
-    if proc.returncode != 0:
-        raise _remote_error(root, "push", proc, remote)
-    log.info("dvc push: %s", (proc.stdout.strip().splitlines() or ["done"])[-1])
+    args = ["push", "--run-cache", *(["-r", remote] if remote else [])]
+    _transfer(root, "dvc push", args, remote, logger)
 
 
-def exp_push(root: str | Path, names: list[str], git_remote: str = GIT_REMOTE) -> None:
+def exp_push(root: str | Path, names: list[str], git_remote: str = GIT_REMOTE,
+             logger: Any = None) -> None:
     """``dvc exp push``: the experiments' refs to git, their outputs to the DVC remote."""
-    if not names:
-        return
-    root = Path(root)
-    proc = _dvc(root, "exp", "push", "--run-cache", git_remote, *names)
-    if proc.returncode != 0:
-        raise _remote_error(root, "exp push", proc, None)
-    log.info("dvc exp push %s: %s", git_remote, ", ".join(names))
+    if names:
+        _transfer(root, "dvc exp push", ["exp", "push", "--run-cache", git_remote, *names],
+                  None, logger)
 
 
 # ---------------------------------------------------------------------------- git
@@ -201,7 +195,7 @@ def _remote_tip(root: Path, remote: str, branch: str) -> str | None:
 def _snapshot_tree(root: Path, files: list[str]) -> str:
     """The tree of HEAD plus ``files`` as they are now, built in a private index."""
     with tempfile.TemporaryDirectory() as tmp:
-        env = _env()
+        env = dvc_env()
         env["GIT_INDEX_FILE"] = str(Path(tmp) / "index")
         _git(root, "read-tree", "HEAD", env=env)
         if files:
@@ -316,7 +310,7 @@ def _retry_if_transient(task_: Any, task_run: Any, state: Any) -> bool:
     """Prefect's retry_condition_fn: retry a DVC remote failure that may be transient."""
     try:
         state.result()
-    except RemoteError as exc:
+    except StageFailed as exc:
         return exc.transient
     except Exception:
         return False

@@ -166,8 +166,8 @@ def test_object_store_down_at_start_is_a_clear_transient_failure(team):
         team.store.start()
     assert flow_run.state.is_failed(), flow_run.state
     message = flow_run.state.message
-    assert "dvc pull with DVC remote 'storage' (s3://convflow/e2e)" in message, message
-    assert "retrying may help" in message
+    assert "step 'dvc pull' failed: ERROR: " in message, message
+    assert "[DVC remote 'storage' (s3://convflow/e2e); retrying may help]" in message, message
     pull = task_runs(flow_run.id)["dvc-pull"]
     assert pull.run_count == 2  # retried once, as a transient failure
     assert "train" not in task_runs(flow_run.id)
