@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +101,12 @@ def _read_archive(archive: Path) -> list[tuple[tuple[str, ...], bytes | None]]:
     return entries
 
 
-def decode_images(items: list[tuple[str, bytes]], where: str) -> tuple[np.ndarray, int]:
-    """Decode PNG/JPEG bytes to uint8 N x 32 x 32 x 3 RGB; returns (images, number resized)."""
+def decode_images(items: list[tuple[str, bytes]], where: str,
+                  sizes: Counter[str] | None = None) -> tuple[np.ndarray, int]:
+    """Decode PNG/JPEG bytes to uint8 N x 32 x 32 x 3 RGB; returns (images, number resized).
+
+    ``sizes``, if given, counts the sizes seen (``"WxH"``) for the data report.
+    """
     from PIL import Image
 
     out = np.empty((len(items), 32, 32, 3), np.uint8)
@@ -113,6 +117,8 @@ def decode_images(items: list[tuple[str, bytes]], where: str) -> tuple[np.ndarra
             with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as im:
                 if im.mode != "RGB":
                     im = im.convert("RGB")
+                if sizes is not None:
+                    sizes[f"{im.size[0]}x{im.size[1]}"] += 1
                 if im.size != (32, 32):
                     im = im.resize((32, 32), Image.Resampling.BILINEAR, reducing_gap=2.0)
                     resized += 1
@@ -143,11 +149,12 @@ def load_imagefolder(path: str | None) -> RawData:
                         f"lacks; train classes are {', '.join(classes)}")
     split_arrays = {}
     total_resized = 0
+    sizes: Counter[str] = Counter()
     for split in SPLITS:
         images, labels = [], []
         for label, cls in enumerate(classes):
             items = sorted(files[split].get(cls, []))
-            arr, resized = decode_images(items, f"{root}/{split}/{cls}")
+            arr, resized = decode_images(items, f"{root}/{split}/{cls}", sizes)
             total_resized += resized
             images.append(arr)
             labels.append(np.full(len(arr), label, np.int64))
@@ -156,4 +163,5 @@ def load_imagefolder(path: str | None) -> RawData:
         log.info("%s: resized %d image(s) of another size to 32x32", root, total_resized)
     (x_train, y_train), (x_test, y_test) = split_arrays["train"], split_arrays["test"]
     return RawData(x_train, y_train, x_test, y_test, classes, source="imagefolder",
-                   details={"path": root.name, "resized": total_resized})
+                   details={"path": root.name, "resized": total_resized,
+                            "sizes": dict(sizes)})
