@@ -12,7 +12,7 @@ from stages.models import load_model
 
 def test_changing_epochs_reruns_train_and_downstream_only(pipeline_repo: Path) -> None:
     first = dvc(pipeline_repo, "repro")
-    assert ran_stages(first.stdout)[:3] == ["ingest", "normalize", "train"]
+    assert ran_stages(first.stdout)[:4] == ["fetch", "ingest", "normalize", "train"]
     git(pipeline_repo, "add", "-A")
     git(pipeline_repo, "commit", "-q", "-m", "first run")
     metrics = json.loads((pipeline_repo / "dvclive/train/metrics.json").read_text())
