@@ -73,6 +73,8 @@ def test_imagefolder_under_dvc_add_change_touch_and_new_class(tmp_path: Path) ->
     report = _report(repo)
     assert report["images"]["train"] == {"total": 12, "cat": 6, "dog": 6}
     assert report["input"]["path"] == "data/images" and len(report["input"]["sha256"]) == 64
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "trained on cat and dog")
 
     _touch_all(images)  # new mtimes, same bytes
     assert _repro(repo) == []
@@ -171,6 +173,7 @@ def test_cifar10_archive_is_pulled_from_the_remote_and_runs_offline(tmp_path: Pa
 
     from stages.sources.safety import sha256_file
 
+    (tmp_path / "web").mkdir()
     archive = write_tar(tmp_path / "web" / "cifar-10-python.tar.gz",
                         random_batches(50, 20, seed=3))
     remote = tmp_path / "remote"
