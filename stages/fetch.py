@@ -17,7 +17,10 @@ import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
+
+import yaml
 
 from stages.errors import UserError, run_cli
 from stages.io import atomic_dir
@@ -55,6 +58,27 @@ def resolve_input(path: str, root: Path) -> Path:
     """``data.path`` as an absolute path: a relative one is relative to the repository root."""
     p = Path(path).expanduser()
     return (p if p.is_absolute() else root / p).resolve()
+
+
+def pin_data_path(overrides: dict[str, Any], root: Path) -> dict[str, Any]:
+    """``overrides`` with ``data.path`` made absolute where it is relative and outside ``root``.
+
+    ``dvc exp run --temp`` runs in a copy of the repository under ``.dvc/tmp``, where a
+    relative path that leaves the repository (``../shared/...``) no longer reaches the
+    data; an absolute one does (DVC hashes it as an external dependency). A path inside
+    the repository stays relative: DVC checks tracked data out into the copy.
+    """
+    path = overrides.get("data.path")
+    if path is None and (root / "params.yaml").is_file():
+        params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) or {}
+        path = (params.get("data") or {}).get("path") if isinstance(params, dict) else None
+    if not isinstance(path, str) or Path(path).expanduser().is_absolute():
+        return overrides
+    full = resolve_input(path, root)
+    if full.is_relative_to(root.resolve()):
+        return overrides
+    log.info("data.path %s is outside the repository: passing it as %s", path, full)
+    return {**overrides, "data.path": str(full)}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

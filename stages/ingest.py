@@ -25,8 +25,8 @@ from stages.data_report import (
     write_report,
 )
 from stages.errors import UserError, run_cli
-from stages.io import atomic_dir, remove_output, save_split, write_json
 from stages.fetch import repo_root, resolve_input
+from stages.io import atomic_dir, remove_output, save_split, write_json
 from stages.params import DataParams, load_params
 from stages.sources import RawData, load_source, validate_raw
 

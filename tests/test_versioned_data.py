@@ -220,3 +220,37 @@ def test_synthetic_fetch_is_a_note_only(pipeline_repo: Path) -> None:
     assert [p.name for p in (pipeline_repo / "data" / "download").iterdir()] == ["README.txt"]
     write_params(pipeline_repo, {"data": {"synthetic": {"seed": 3}}})
     assert _repro(pipeline_repo, "fetch") == []  # synthetic params are not fetch's business
+
+
+@pytest.mark.slow  # one experiment of the whole tiny pipeline, through Prefect
+def test_sweep_with_a_relative_npz_path_outside_the_repo(prefect_api, tmp_path: Path) -> None:
+    from flows.sweep import sweep
+
+    _npz(tmp_path / "shared" / "d.npz")
+    repo = make_pipeline_repo(tmp_path / "repo", {
+        "data": {"source": "npz", "path": "../shared/d.npz"}, **FAST})
+    rows = sweep({"train.seed": [1]}, root=str(repo), max_parallel=1, name_prefix="rel")
+    assert [r["experiment"] for r in rows] == ["rel-1"]
+    assert rows[0]["metrics/data.json:images.train.total"] == 40
+    assert rows[0]["params.yaml:data.path"] == str((tmp_path / "shared" / "d.npz").resolve())
+
+
+@pytest.mark.slow  # the whole tiny pipeline twice, through Prefect
+def test_scheduled_flow_run_retrains_after_images_are_added(prefect_api, tmp_path: Path) -> None:
+    from flows.pipeline import pipeline
+
+    repo = make_pipeline_repo(tmp_path / "repo", {
+        "data": {"source": "imagefolder", "path": "data/images"}, **FAST})
+    _image_folder(repo / "data" / "images", ["cat", "dog"])
+    dvc(repo, "add", "data/images")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "my images")
+    first = {r["stage"]: r["status"] for r in pipeline(root=str(repo), commit=True)}
+    assert set(first.values()) == {"ran"}
+
+    # new images arrive (as a scheduled run would find them); the next run retrains
+    for i in range(6, 9):
+        _png(repo / "data" / "images" / "train" / "dog" / f"{i}.png", seed=7000 + i)
+    second = {r["stage"]: r["status"] for r in pipeline(root=str(repo))}
+    assert second == {"fetch": "up to date", **{s: "ran" for s in AFTER_INGEST}}
+    assert _report(repo)["images"]["train"]["dog"] == 9
