@@ -35,7 +35,7 @@ from prefect.tasks import exponential_backoff
 from stages.paths import find_root
 
 #: Stages whose timeout can be transient (a stalled download): retried after a timeout.
-DEFAULT_RETRY_STAGES = ("ingest",)
+DEFAULT_RETRY_STAGES = ("fetch", "ingest")
 #: Seconds between SIGTERM and SIGKILL when a stage times out.
 KILL_GRACE_S = 10.0
 #: The exit status of a stage's user error (``stages.errors.run_cli``): never retried.
