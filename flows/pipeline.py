@@ -40,7 +40,7 @@ __all__ = ["StageNode", "StageFailed", "ServerLost", "ensure_crash_detection", "
            "resolve_root", "stage_graph", "subprocess_env"]
 
 #: Stages whose timeout can be transient (a stalled download): retried after a timeout.
-DEFAULT_RETRY_STAGES = ("ingest",)
+DEFAULT_RETRY_STAGES = ("fetch", "ingest")
 #: Seconds between SIGTERM and SIGKILL when a stage is stopped.
 KILL_GRACE_S = 10.0
 #: EX_TEMPFAIL: a stage's "the next attempt may succeed" (ingest's network failures).

@@ -31,6 +31,7 @@ from flows.pipeline import (
     run_guarded,
     subprocess_env,
 )
+from stages.fetch import pin_data_path
 
 
 def usable_cpus() -> int:
@@ -101,7 +102,8 @@ def sweep(grid: dict[str, list[Any]] | list[dict[str, Any]], root: str | None = 
 
     log = get_run_logger()
     repo_root = resolve_root(root)
-    points = expand_grid(grid)
+    # a data.path outside the repo must be absolute inside the --temp copy (.dvc/tmp/...)
+    points = [pin_data_path(point, repo_root) for point in expand_grid(grid)]
     prefix = name_prefix or flow_run.name or "sweep"
     names = [f"{prefix}-{i}" for i in range(1, len(points) + 1)]
     threads = max(1, usable_cpus() // max(1, max_parallel))

@@ -56,6 +56,8 @@ class DataParams(_Group):
     path: str | None = Field(None, description="local archive, .npz or image folder")
     url: str = OFFICIAL_CIFAR10_URL
     sha256: str = Field(OFFICIAL_CIFAR10_SHA256, pattern=r"^[0-9a-fA-F]{64}$")
+    drop_duplicates: bool = Field(False, description="drop exact duplicates (and test images) "
+                                  "from train")
     synthetic: SyntheticParams = SyntheticParams()
 
     @model_validator(mode="after")
