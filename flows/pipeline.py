@@ -32,6 +32,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from flows import alerts, progress, registry, slots  # guardrails (docs/unattended.md)
 from stages.paths import find_root
 
 #: Stages whose timeout can be transient (a stalled download): retried after a timeout.
@@ -274,7 +275,8 @@ def run_stage(name: str, root: str, timeout_s: float | None = None, force: bool 
         log.info("stage '%s' is up to date (%.2f s)", name, seconds)
         return {"stage": name, "status": "up to date", "seconds": seconds}
     forget_repo(root)  # DVC in the subprocess changes dvc.lock and the outputs
-    output, returncode, timed_out = repro_single(Path(root), name, timeout_s, force, log)
+    with slots.stage_slot(name, log), progress.watch(root, name, log):
+        output, returncode, timed_out = repro_single(Path(root), name, timeout_s, force, log)
     seconds = round(time.perf_counter() - start, 3)
     if timed_out or returncode != 0:
         message = (f"timed out after {timeout_s} s (process group killed)" if timed_out
@@ -401,7 +403,8 @@ def commit_results(root: Path, message: str) -> bool:
 def pipeline(root: str | None = None, force: bool = False, timeout_s: float | None = None,
              retries: int = 2, retry_delay_s: float = 10.0,
              retry_stages: list[str] | None = None,
-             push: bool = False, commit: bool = False) -> list[dict[str, Any]]:
+             push: bool = False, commit: bool = False,
+             promote: str | None = None) -> list[dict[str, Any]]:
     """Reproduce the DVC pipeline, one Prefect task per stage, in DVC's own order."""
     from prefect.runtime import flow_run
 
@@ -418,6 +421,9 @@ def pipeline(root: str | None = None, force: bool = False, timeout_s: float | No
     forget_repo(repo_root)  # read dvc.yaml afresh on every run
     nodes = stage_graph(repo_root)
     log.info("stages in DVC order: %s", ", ".join(n.name for n in nodes))
+    registry.refresh_baseline(repo_root, log)  # guardrails: the gate's production baseline
+    edges = progress.direct_upstream({n.name: n.upstream for n in nodes})
+    states: dict[str, Any] = {}
 
     summary: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
@@ -430,7 +436,9 @@ def pipeline(root: str | None = None, force: bool = False, timeout_s: float | No
             continue
         # DVC holds one lock per repository, so stages run one at a time, in order
         state = stage_task(node.name, str(repo_root), timeout_s=timeout_s, force=force,
-                           retry_stages=retry_stages, return_state=True)
+                           retry_stages=retry_stages, return_state=True,
+                           wait_for=[states[u] for u in sorted(edges[node.name]) if u in states])
+        states[node.name] = state  # the DVC edges become the run graph's edges
         if state.is_completed():
             summary.append(state.result())
             continue
@@ -451,11 +459,17 @@ def pipeline(root: str | None = None, force: bool = False, timeout_s: float | No
         forget_repo(repo_root)
     if failed:
         name, message = next(iter(failed.items()))
+        alerts.emit(alerts.RUN_FAILED, repo_root, name, message)
         raise StageFailed(name, message, None, False)
+    gate_failed = alerts.check_gate(repo_root)  # guardrails: a failed gate ships nothing
+    if gate_failed:
+        raise StageFailed("gate", gate_failed, None, False)
     if push:
         dvc_push(repo_root)
     if commit:
         run_name = flow_run.name or "manual"
         if commit_results(repo_root, f"convflow: pipeline run {run_name} ({flow_run.id})"):
             log.info("committed dvc.lock, params and metrics")
+            registry.ship(repo_root, f"convflow: run {run_name} passed the gate", promote,
+                          push, log)  # guardrails: a version in the model registry
     return summary

@@ -23,6 +23,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import slots
 from flows.pipeline import (
     error_message,
     flatten,
@@ -70,17 +71,20 @@ def run_experiment(name: str, overrides: dict[str, Any], root: str,
     if threads and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=root, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        kill_group(proc, 10.0)
-        raise RuntimeError(f"experiment '{name}' timed out after {timeout_s} s") from None
-    except BaseException:
-        kill_group(proc, 10.0)
-        raise
+    # guardrails: one resource slot and (on a multi-GPU machine) one GPU per experiment
+    with slots.slot(log, f"experiment '{name}'"), slots.device_pool().device() as gpu:
+        env.update(gpu)
+        proc = subprocess.Popen(cmd, cwd=root, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            output, _ = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            kill_group(proc, 10.0)
+            raise RuntimeError(f"experiment '{name}' timed out after {timeout_s} s") from None
+        except BaseException:
+            kill_group(proc, 10.0)
+            raise
     seconds = round(time.perf_counter() - start, 3)
     for line in output.splitlines():
         log.info("%s | %s", name, line)
