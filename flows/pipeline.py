@@ -438,7 +438,7 @@ def pipeline(root: str | None = None, force: bool = False, timeout_s: float | No
         state = stage_task(node.name, str(repo_root), timeout_s=timeout_s, force=force,
                            retry_stages=retry_stages, return_state=True,
                            wait_for=[states[u] for u in sorted(edges[node.name]) if u in states])
-        states[node.name] = state  # the DVC edges become the run graph's edges
+        states[node.name] = progress.edge(state)  # the DVC edges become the run graph's edges
         if state.is_completed():
             summary.append(state.result())
             continue

@@ -35,6 +35,21 @@ def direct_upstream(upstream: Mapping[str, set[str] | frozenset[str]]) -> dict[s
     return direct
 
 
+class _EdgeOnly:
+    """Stands in for a finished task's result inside a ``wait_for`` state."""
+
+
+def edge(state: Any) -> Any:
+    """``state`` for ``wait_for``: an edge to its task run and to no other.
+
+    Prefect links each object one level inside a ``wait_for`` entry to the task that
+    returned an object with the same ``id()``; an interned string in a stage's summary
+    ("ran") would link the latest task that returned it. A fresh placeholder as the data
+    (weak-referenceable, so never mistaken for another object) leaves only the true edge.
+    """
+    return state.model_copy(update={"data": _EdgeOnly()})
+
+
 def epoch_rows(live_dir: str | Path, since: float = 0.0) -> list[dict[str, Any]]:
     """One row per logged epoch ``{epoch, <series>...}`` from dvclive's TSV files."""
     folder = Path(live_dir) / "plots" / "metrics"

@@ -23,12 +23,14 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 DEFAULT_SLOT = "convflow-gpu"
 #: Seconds a slot outlives a holder that died without releasing it (renewed while alive).
 LEASE_S = 60.0
+#: Seconds of the first, short try for a slot, before the run logs that it waits.
+PROBE_S = 2.0
 
 
 def slot_name() -> str | None:
@@ -86,11 +88,16 @@ def slot(log: Any, what: str) -> Iterator[None]:
         yield
         return
     limit = ensure_limit(name)
-    if limit.active_slots >= limit.limit:
-        log.info("%s waits for a slot of '%s' (%d/%d in use)", what, name,
-                 limit.active_slots, limit.limit)
     waited = time.monotonic()
-    with concurrency(name, occupy=1, lease_duration=LEASE_S, strict=True):
+    with ExitStack() as held:
+        try:  # a short first try, so that a run which must wait can say so
+            held.enter_context(concurrency(name, occupy=1, timeout_seconds=PROBE_S,
+                                           lease_duration=LEASE_S, strict=True))
+        except TimeoutError:
+            log.info("%s waits for a slot of '%s' (%d/%d in use)", what, name,
+                     limit.limit, limit.limit)
+            held.enter_context(concurrency(name, occupy=1, lease_duration=LEASE_S,
+                                           strict=True))
         log.info("%s took a slot of '%s' at %.3f (waited %.1f s)", what, name, time.time(),
                  time.monotonic() - waited)
         try:
