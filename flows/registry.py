@@ -48,9 +48,13 @@ def model_artifact(root: str | Path) -> tuple[str, str]:
 def production(root: str | Path, stage: str = PROD) -> dict[str, Any] | None:
     """The version in ``stage``: {artifact, version, rev}, or None when none is assigned."""
     import gto.api
+    from gto.exceptions import ArtifactNotFound
 
     name, _ = model_artifact(root)
-    found = gto.api.find_versions_in_stage(str(root), name, stage)
+    try:
+        found = gto.api.find_versions_in_stage(str(root), name, stage)
+    except ArtifactNotFound:  # nothing registered yet
+        return None
     if not found:
         return None
     latest = found[0] if isinstance(found, list) else found

@@ -186,3 +186,69 @@ def test_automation_delivers_a_failed_run_to_a_webhook(prefect_api, tmp_path, we
     assert "flow: convflow-pipeline" in text
     assert "stage: bad" in text
     assert "message: convflow.bad: error: the disk is full" in text
+
+
+@pytest.mark.slow
+def test_gate_blocks_shipping_and_a_passing_run_is_registered_promoted_and_fetched(
+        prefect_api, tmp_path):
+    """The real pipeline: a missed gate ships nothing; a passing run becomes v0.0.1, then
+    prod, and a fresh clone predicts with the production model."""
+    import re
+
+    from conftest import make_pipeline_repo, run, write_params
+    from PIL import Image
+
+    from flows.pipeline import StageFailed
+
+    repo = make_pipeline_repo(tmp_path / "repo", {"gate": {"min_accuracy": 0.99}})
+    doc = yaml.safe_load((repo / "dvc.yaml").read_text())
+    del doc["stages"]["plot"]  # figures play no part here; keep the test short
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    remote, origin = tmp_path / "dvc-remote", tmp_path / "origin.git"
+    git(tmp_path, "init", "-q", "--bare", "-b", "main", str(origin))
+    from conftest import dvc
+
+    dvc(repo, "remote", "add", "-d", "store", str(remote))
+    git(repo, "remote", "add", "origin", str(origin))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "remote, no plot")
+    git(repo, "push", "-q", "origin", "main")
+    start = git(repo, "rev-parse", "HEAD")
+
+    failed = run_flow(repo, push=True, commit=True, retries=0)
+    assert failed.is_failed()
+    line = str(failed.message).splitlines()
+    assert len(line) == 1 and re.search(
+        r"stage 'gate' failed: quality gate failed: test\.accuracy 0\.\d{4} is below "
+        r"gate\.min_accuracy 0\.9900$", line[0]), failed.message
+    with pytest.raises(StageFailed):
+        failed.result()
+    assert git(repo, "rev-parse", "HEAD") == start          # nothing committed
+    assert not remote.exists() or not any(remote.rglob("*"))  # nothing pushed
+    assert git(repo, "tag", "-l") == ""                       # nothing registered
+
+    write_params(repo, {"gate": {"min_accuracy": 0.0}})
+    passed = run_flow(repo, push=True, commit=True, retries=0)
+    assert passed.is_completed(), passed.message
+    ran = {row["stage"]: row["status"] for row in passed.result()}
+    assert ran["gate"] == "ran" and ran["train"] == "up to date"
+    assert git(repo, "tag", "-l").split() == ["cifar-cnn@v0.0.1"]
+    assert git(repo, "rev-parse", "cifar-cnn@v0.0.1^{commit}") == git(repo, "rev-parse", "HEAD")
+
+    proc = run([sys.executable, "-m", "flows", "promote", "--root", str(repo), "--push"],
+               cwd=PROJECT, env=api_env())
+    assert proc.stdout.strip() == "cifar-cnn@v0.0.1 -> prod"
+    baseline = yaml.safe_load((repo / "production.yaml").read_text())
+    accuracy = json.loads((repo / "metrics" / "evaluate.json").read_text())["test"]["accuracy"]
+    assert baseline["version"] == "cifar-cnn@v0.0.1" and baseline["accuracy"] == accuracy
+    git(repo, "push", "-q", "origin", "main")
+
+    laptop = tmp_path / "laptop"
+    git(tmp_path, "clone", "-q", str(origin), str(laptop))
+    image = laptop / "cat.png"
+    Image.new("RGB", (40, 40), (200, 120, 40)).save(image)
+    env = {**api_env(), "PYTHONPATH": str(laptop)}
+    out = run([sys.executable, "-m", "stages.predict", "--stage", "prod", str(image)],
+              cwd=laptop, env=env).stdout
+    assert re.fullmatch(rf"{re.escape(str(image))}: (\w+ \d\.\d{{3}}(, )?){{3}}\n", out), out
+    assert (laptop / ".dvc" / "tmp" / "registry" / "prod" / "model.pt").is_file()
