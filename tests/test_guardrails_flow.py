@@ -252,3 +252,41 @@ def test_gate_blocks_shipping_and_a_passing_run_is_registered_promoted_and_fetch
               cwd=laptop, env=env).stdout
     assert re.fullmatch(rf"{re.escape(str(image))}: (\w+ \d\.\d{{3}}(, )?){{3}}\n", out), out
     assert (laptop / ".dvc" / "tmp" / "registry" / "prod" / "model.pt").is_file()
+
+
+def test_sweep_points_take_a_slot_each_and_their_own_gpu(prefect_api, tmp_path, monkeypatch):
+    from conftest import dvc
+
+    from flows.slots import DevicePool
+    from flows.sweep import sweep
+
+    # each experiment of a multi-GPU sweep gets its own device while it runs
+    pool = DevicePool(["0", "1"])
+    with pool.device() as first, pool.device() as second:
+        assert {first["CUDA_VISIBLE_DEVICES"], second["CUDA_VISIBLE_DEVICES"]} == {"0", "1"}
+    with DevicePool([]).device() as none:
+        assert none == {}  # a CPU machine: nothing set
+
+    slot = f"test-sweep-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("CONVFLOW_SLOT", slot)
+    monkeypatch.setenv("CONVFLOW_SLOT_SIZE", "1")
+    times = tmp_path / "times"
+    times.mkdir()
+    # the experiment runs in a temp workspace: it records its wall-clock span outside it
+    record = ("import os, time, yaml; t0 = time.time(); time.sleep(2); "
+              "n = yaml.safe_load(open('params.yaml'))['a']['n']; "
+              f"open(os.path.join({str(times)!r}, str(n)), 'w').write(f'{{t0}} {{time.time()}}'); "
+              "open('out.txt', 'w').write(str(n))")
+    repo = make_toy_repo(tmp_path / "toy", {"train": {"cmd": py_stage(record),
+                                                      "params": ["a.n"], "outs": ["out.txt"]}})
+    dvc(repo, "repro")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "baseline")
+    for old in times.iterdir():
+        old.unlink()
+
+    rows = sweep({"a.n": [2, 3]}, root=str(repo), max_parallel=2, name_prefix="slot")
+    assert sorted(r["experiment"] for r in rows) == ["slot-1", "slot-2"]
+    (a0, a1), (b0, b1) = (map(float, (times / n).read_text().split()) for n in ("2", "3"))
+    assert a1 <= b0 or b1 <= a0, f"experiments overlapped: {(a0, a1)} vs {(b0, b1)}"
+    assert _slot(slot).active_slots == 0
