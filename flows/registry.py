@@ -47,10 +47,14 @@ def model_artifact(root: str | Path) -> tuple[str, str]:
 
 def production(root: str | Path, stage: str = PROD) -> dict[str, Any] | None:
     """The version in ``stage``: {artifact, version, rev}, or None when none is assigned."""
+    name, _ = model_artifact(root)
+    tags = subprocess.run(["git", "tag", "-l", f"{name}#{stage}*"], cwd=root,
+                          capture_output=True, text=True)
+    if tags.returncode == 0 and not tags.stdout.strip():
+        return None  # never assigned: skip GTO's ~1 s import on every flow run
     import gto.api
     from gto.exceptions import ArtifactNotFound
 
-    name, _ = model_artifact(root)
     try:
         found = gto.api.find_versions_in_stage(str(root), name, stage)
     except ArtifactNotFound:  # nothing registered yet

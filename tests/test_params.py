@@ -88,9 +88,10 @@ STAGE_SOURCES = {
     "train": ["stages/train.py", "stages/models.py", "stages/device.py", "stages/ddp.py"],
     "evaluate": ["stages/evaluate.py"],
     "plot": ["stages/plot.py", "stages/figures.py"],
+    "gate": ["stages/gate.py"],
 }
 GROUPS = {"ingest": "data", "normalize": "normalize", "train": "train",
-          "evaluate": "evaluate", "plot": "plot"}
+          "evaluate": "evaluate", "plot": "plot", "gate": "gate"}
 
 
 def _sources(stage: str) -> list[Path]:
