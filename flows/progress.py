@@ -13,7 +13,7 @@ import contextvars
 import csv
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,15 +24,6 @@ import yaml
 POLL_S = 1.0
 PROGRESS_KEY = "convflow-train-progress"
 EPOCHS_KEY = "convflow-train-epochs"
-
-
-def direct_upstream(upstream: Mapping[str, set[str] | frozenset[str]]) -> dict[str, set[str]]:
-    """Direct edges from transitive ones: u feeds s directly unless it feeds s through another."""
-    direct: dict[str, set[str]] = {}
-    for stage, ups in upstream.items():
-        through = set().union(*(upstream.get(u, set()) for u in ups)) if ups else set()
-        direct[stage] = set(ups) - through
-    return direct
 
 
 class _EdgeOnly:

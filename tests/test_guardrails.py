@@ -41,20 +41,8 @@ def test_baseline_file_is_validated(tmp_path: Path) -> None:
         read_baseline(bad)
 
 
-def test_direct_upstream_reduces_transitive_sets() -> None:
-    from flows.progress import direct_upstream
-
-    transitive = {"ingest": set(), "normalize": {"ingest"}, "train": {"ingest", "normalize"},
-                  "evaluate": {"ingest", "normalize", "train"},
-                  "gate": {"ingest", "normalize", "train", "evaluate"}, "side": {"ingest"}}
-    assert direct_upstream(transitive) == {
-        "ingest": set(), "normalize": {"ingest"}, "train": {"normalize"},
-        "evaluate": {"train"}, "gate": {"evaluate"}, "side": {"ingest"}}
-
-
 def test_epoch_rows_read_dvclive_files(tmp_path: Path) -> None:
     from dvclive import Live
-
     from flows.progress import epoch_rows
 
     live = Live(str(tmp_path / "live"), save_dvc_exp=False, dvcyaml=None, report=None)
