@@ -23,14 +23,14 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 DEFAULT_SLOT = "convflow-gpu"
 #: Seconds a slot outlives a holder that died without releasing it (renewed while alive).
 LEASE_S = 60.0
-#: Seconds of the first, short try for a slot, before the run logs that it waits.
-PROBE_S = 2.0
+#: Seconds without a slot after which a run logs that it waits.
+WAIT_NOTICE_S = 2.0
 
 
 def slot_name() -> str | None:
@@ -89,21 +89,23 @@ def slot(log: Any, what: str) -> Iterator[None]:
         return
     limit = ensure_limit(name)
     waited = time.monotonic()
-    with ExitStack() as held:
-        try:  # a short first try, so that a run which must wait can say so
-            held.enter_context(concurrency(name, occupy=1, timeout_seconds=PROBE_S,
-                                           lease_duration=LEASE_S, strict=True))
-        except TimeoutError:
-            log.info("%s waits for a slot of '%s' (%d/%d in use)", what, name,
-                     limit.limit, limit.limit)
-            held.enter_context(concurrency(name, occupy=1, lease_duration=LEASE_S,
-                                           strict=True))
-        log.info("%s took a slot of '%s' at %.3f (waited %.1f s)", what, name, time.time(),
-                 time.monotonic() - waited)
-        try:
-            yield
-        finally:
-            log.info("%s frees its slot of '%s' at %.3f", what, name, time.time())
+    # said only if the slot is not granted at once (a first try with a timeout would make
+    # Prefect log an error)
+    notice = threading.Timer(WAIT_NOTICE_S, log.info, args=(
+        "%s waits for a slot of '%s' (%d/%d in use)", what, name, limit.limit, limit.limit))
+    notice.daemon = True
+    notice.start()
+    try:
+        with concurrency(name, occupy=1, lease_duration=LEASE_S, strict=True):
+            notice.cancel()
+            log.info("%s took a slot of '%s' at %.3f (waited %.1f s)", what, name,
+                     time.time(), time.monotonic() - waited)
+            try:
+                yield
+            finally:
+                log.info("%s frees its slot of '%s' at %.3f", what, name, time.time())
+    finally:
+        notice.cancel()
 
 
 @contextmanager
