@@ -187,6 +187,35 @@ def test_automation_delivers_a_failed_run_to_a_webhook(prefect_api, tmp_path, we
     assert "stage: bad" in text
     assert "message: convflow.bad: error: the disk is full" in text
 
+    # a gate that failed against production: a gate event and a regression event, one line
+    verdict = {"passed": False, "metric": "test.accuracy", "value": 0.8, "min_accuracy": 0.5,
+               "max_drop": 0.02, "production_version": "cifar-cnn@v0.0.1",
+               "production_accuracy": 0.85, "drop": 0.05,
+               "reason": "test.accuracy 0.8000 is 0.0500 below production cifar-cnn@v0.0.1 "
+                         "(0.8500), more than gate.max_drop 0.0200"}
+    write = (f"import json, os; os.makedirs('metrics', exist_ok=True); "
+             f"json.dump({verdict!r}, open('metrics/gate.json', 'w'))")
+    gated = make_toy_repo(tmp_path / "gated", {"gate": {
+        "cmd": py_stage(write), "metrics": [{"metrics/gate.json": {"cache": False}}]}})
+    doc = yaml.safe_load((gated / "dvc.yaml").read_text())
+    (gated / "dvc.yaml").write_text(yaml.safe_dump(
+        {"vars": [{"paths": {"metrics": "metrics"}}], **doc}, sort_keys=False))
+    git(gated, "commit", "-qam", "paths")
+    received.clear()
+    state = run_flow(gated, retries=0, commit=True)
+    assert state.is_failed()
+    assert str(state.message).endswith(f"stage 'gate' failed: quality gate failed: "
+                                       f"{verdict['reason']}")
+    assert git(gated, "log", "--format=%s").splitlines() == ["paths", "toy pipeline"]
+    _drain_to_api()
+    deadline = time.monotonic() + 90
+    while len(received) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    texts = sorted(r["text"] for r in received)
+    assert [t.splitlines()[0] for t in texts] == ["convflow alert: convflow.gate.failed",
+                                                  "convflow alert: convflow.model.regression"]
+    assert "stage: gate" in texts[0] and verdict["reason"] in texts[0]
+
 
 @pytest.mark.slow
 def test_gate_blocks_shipping_and_a_passing_run_is_registered_promoted_and_fetched(
