@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import dvc_adapter as dvc
+from flows import slots
 from flows.dvc_adapter import dvc_command
 from flows.pipeline import (
     ServerLost,
@@ -79,7 +80,11 @@ def run_experiment(name: str, overrides: dict[str, Any], root: str,
     if threads and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
-    output, status, timed_out = run_guarded(cmd, Path(root), name, timeout_s, log, env=env)
+    # guardrails: one resource slot and (on a multi-GPU machine) one GPU per experiment
+    with slots.slot(log, f"experiment '{name}'"), slots.device_pool().device() as gpu:
+        env.update(gpu)
+        output, status, timed_out = run_guarded(cmd, Path(root), name, timeout_s, log,
+                                                env=env)
     seconds = round(time.perf_counter() - start, 3)
     failure = f"timed out after {timeout_s} s" if timed_out else dvc_failure(output, status)
     if failure:

@@ -126,6 +126,15 @@ class PlotParams(_Group):
                               description="test image used in the kernel demo")
 
 
+# ---------------------------------------------------------------------- gate
+class GateParams(_Group):
+    """What a new model must reach before the flow ships it (``gate.*``)."""
+
+    min_accuracy: float = Field(0.0, ge=0, le=1, description="absolute floor on test accuracy")
+    max_drop: float = Field(0.02, ge=0, le=1,
+                            description="largest accuracy drop allowed below production")
+
+
 class Params(_Group):
     """All of ``params.yaml``."""
 
@@ -134,6 +143,7 @@ class Params(_Group):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     plot: PlotParams = PlotParams()
+    gate: GateParams = GateParams()
 
 
 def _field_name(loc: tuple[Any, ...]) -> str:

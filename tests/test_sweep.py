@@ -56,7 +56,7 @@ def test_two_point_sweep_yields_two_experiments_in_dvc_exp_show(prefect_api, tmp
     with get_client(sync_client=True) as client:
         (art,) = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["convflow-sweep"])),
-            sort=ArtifactSort.CREATED_DESC, limit=1)  # the server is shared by the session
+            sort=ArtifactSort.CREATED_DESC, limit=1)  # this test's: the newest
     assert {r["experiment"] for r in json.loads(art.data)} == {"pts-1", "pts-2"}
 
 
