@@ -54,7 +54,7 @@ def make_checkout(dest: Path) -> Path:
     for name in ("stages", "flows"):
         shutil.copytree(PROJECT / name, dest / name,
                         ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+    for name in ("dvc.yaml", "production.yaml", ".gitignore", ".dvcignore"):
         if (PROJECT / name).exists():
             shutil.copy2(PROJECT / name, dest / name)
     params = _merge(yaml.safe_load((PROJECT / "params.yaml").read_text()), TINY)

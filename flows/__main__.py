@@ -3,6 +3,8 @@
     python -m flows run                      # reproduce the pipeline once, as a Prefect flow run
     python -m flows serve --cron "0 3 * * *" # serve it on a schedule (runs never overlap)
     python -m flows sweep -S train.lr=0.01,0.003 -S train.epochs=5,10 --jobs 2
+    python -m flows promote [VERSION] --stage prod  # registry stage (docs/unattended.md)
+    python -m flows alerts --webhook URL     # failed runs / gates / regressions -> webhook
 """
 
 from __future__ import annotations
@@ -92,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--push", action="store_true", help="dvc push at the end")
         p.add_argument("--commit", action="store_true",
                        help="git commit dvc.lock, params and metrics at the end")
+        p.add_argument("--promote", metavar="STAGE", default=None,
+                       help="with --commit: assign this registry stage (e.g. prod) to the "
+                            "version the run registers")
     run.add_argument("--force", action="store_true", help="run every stage, changed or not")
     when = serve.add_mutually_exclusive_group(required=True)
     when.add_argument("--cron", help='cron schedule, e.g. "0 3 * * *"')
@@ -107,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--jobs", type=int, default=2, help="experiments run in parallel")
     sweep.add_argument("--root", help="repository root (default: found from the cwd)")
     sweep.add_argument("--timeout", type=float, default=None, help="seconds per experiment")
+
+    # guardrails: the model registry and alerts (docs/unattended.md)
+    promote = sub.add_parser("promote", help="assign a registry stage to a model version")
+    promote.add_argument("version", nargs="?", help="e.g. v0.0.3 (default: latest registered)")
+    promote.add_argument("--stage", default="prod", help="registry stage (default: prod)")
+    promote.add_argument("--push", action="store_true", help="push the stage tag to origin")
+    promote.add_argument("--root", help="repository root (default: found from the cwd)")
+    alerts = sub.add_parser("alerts", help="send convflow alert events to a webhook or block")
+    target = alerts.add_mutually_exclusive_group(required=True)
+    target.add_argument("--webhook", help="URL receiving Slack-compatible JSON {\"text\": ...}")
+    target.add_argument("--block", help="a saved notification block, e.g. sendgrid-email/ops")
     return parser
 
 
@@ -208,6 +224,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     from flows.pipeline import resolve_root
 
     _check_numbers(args)
+    if args.command == "alerts":  # guardrails: needs no checkout
+        from flows.alerts import setup_automation
+
+        automation = setup_automation(webhook=args.webhook, block=args.block)
+        print(f"automation '{automation.name}' ({automation.id}) sends convflow alerts")
+        return 0
     # a wrong --root is a one-line error before Prefect starts (or starts a server)
     args.root = str(resolve_root(args.root))
     if args.command == "sweep":
@@ -224,8 +246,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             rows = sweep(grid, root=args.root, max_parallel=args.jobs, timeout_s=args.timeout)
         _print_sweep(grid, rows)
         return 0
+    if args.command == "promote":  # guardrails: the model registry
+        from flows.registry import promote
+
+        print(f"{promote(args.root, args.version, args.stage, push=args.push)} -> {args.stage}")
+        return 0
     options: dict[str, Any] = {"timeout_s": args.timeout, "retries": args.retries,
-                               "push": args.push, "commit": args.commit}
+                               "push": args.push, "commit": args.commit,
+                               "promote": args.promote}
     if args.command == "serve":
         from flows.pipeline import ensure_crash_detection
         from flows.serve import serve_pipeline

@@ -31,6 +31,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from flows import alerts, progress, registry, slots  # guardrails (docs/unattended.md)
 from flows import dvc_adapter as dvc
 from flows.dvc_adapter import DiffRow, StageNode, dvc_command
 from flows.dvc_adapter import dvc_env as subprocess_env
@@ -40,7 +41,7 @@ __all__ = ["StageNode", "StageFailed", "ServerLost", "ensure_crash_detection", "
            "resolve_root", "stage_graph", "subprocess_env"]
 
 #: Stages whose timeout can be transient (a stalled download): retried after a timeout.
-DEFAULT_RETRY_STAGES = ("ingest",)
+DEFAULT_RETRY_STAGES = ("fetch", "ingest")
 #: Seconds between SIGTERM and SIGKILL when a stage is stopped.
 KILL_GRACE_S = 10.0
 #: EX_TEMPFAIL: a stage's "the next attempt may succeed" (ingest's network failures).
@@ -281,7 +282,8 @@ def run_stage(name: str, root: str, timeout_s: float | None = None, force: bool 
         return {"stage": name, "status": "up to date", "seconds": seconds}
     dvc.forget(root)  # DVC in the subprocess changes dvc.lock and the outputs
     cmd = dvc_command("repro", "--single-item", name, *(["--force"] if force else []))
-    output, returncode, timed_out = run_guarded(cmd, Path(root), name, timeout_s, log)
+    with slots.stage_slot(name, log), progress.watch(root, name, log):
+        output, returncode, timed_out = run_guarded(cmd, Path(root), name, timeout_s, log)
     seconds = round(time.perf_counter() - start, 3)
     failure = dvc_failure(output, returncode)
     if timed_out or failure:
@@ -408,9 +410,12 @@ def ensure_crash_detection() -> None:
 def pipeline(root: str | None = None, force: bool = False, timeout_s: float | None = None,
              retries: int = 2, retry_delay_s: float = 10.0,
              retry_stages: list[str] | None = None,
-             push: bool = False, commit: bool = False, pull: bool = False,
+             push: bool = False, commit: bool = False,
+             promote: str | None = None, pull: bool = False,
              branch: str | None = None) -> list[dict[str, Any]]:
     """Reproduce the DVC pipeline, one Prefect task per stage, in DVC's own order."""
+    from prefect.runtime import flow_run
+
     from flows import publish  # pull / push / commit: outputs to DVC, results to git
 
     log = get_run_logger()
@@ -428,6 +433,9 @@ def pipeline(root: str | None = None, force: bool = False, timeout_s: float | No
     dvc.forget(repo_root)  # read dvc.yaml afresh on every run
     nodes = stage_graph(repo_root)
     log.info("stages in DVC order: %s", ", ".join(n.name for n in nodes))
+    registry.refresh_baseline(repo_root, log)  # guardrails: the gate's production baseline
+    edges = {n.name: n.deps for n in nodes}  # the direct DVC edges, as the run graph's
+    states: dict[str, Any] = {}
 
     summary: list[dict[str, Any]] = []
     failed: dict[str, StageFailed] = {}
@@ -440,7 +448,9 @@ def pipeline(root: str | None = None, force: bool = False, timeout_s: float | No
             continue
         # DVC holds one lock per repository, so stages run one at a time, in order
         state = stage_task(node.name, str(repo_root), timeout_s=timeout_s, force=force,
-                           retry_stages=retry_stages, return_state=True)
+                           retry_stages=retry_stages, return_state=True,
+                           wait_for=[states[u] for u in sorted(edges[node.name]) if u in states])
+        states[node.name] = progress.edge(state)  # the DVC edges become the run graph's edges
         if state.is_completed():
             summary.append(state.result())
             continue
@@ -462,6 +472,14 @@ def pipeline(root: str | None = None, force: bool = False, timeout_s: float | No
     finally:
         dvc.forget(repo_root)
     if failed:
-        raise next(iter(failed.values()))
-    publish.finish_run(repo_root, "pipeline", push, commit, branch, retries, retry_delay_s)
+        error = next(iter(failed.values()))
+        alerts.emit(alerts.RUN_FAILED, repo_root, error.stage, error.message)
+        raise error
+    gate_failed = alerts.check_gate(repo_root)  # guardrails: a failed gate ships nothing
+    if gate_failed:
+        raise StageFailed("gate", gate_failed, None, False)
+    # outputs to the DVC remote, then the results commit (HEAD moves onto it) to git
+    if publish.finish_run(repo_root, "pipeline", push, commit, branch, retries, retry_delay_s):
+        registry.ship(repo_root, f"convflow: run {flow_run.name or 'manual'} passed the gate",
+                      promote, push, log)  # guardrails: a version in the model registry
     return summary

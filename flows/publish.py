@@ -215,7 +215,8 @@ def publish_results(root: str | Path, message: str, branch: str | None = None,
     ``branch`` defaults to the current one. ``files`` defaults to ``results_files``. The
     commit's parents are the branch's tip (remote tip if ``remote`` exists) and the commit
     the run started from; a rejected push is retried on the new tip, never forced.
-    ``remote=None`` (or no such git remote) commits locally only.
+    ``remote=None`` (or no such git remote) commits locally only. Afterwards ``branch`` is
+    checked out at the new commit (the files do not change).
     """
     root = Path(root)
     start = _git(root, "rev-parse", "HEAD").stdout.strip()
@@ -281,10 +282,15 @@ def _rejected(porcelain: str) -> bool:
 
 
 def _set_branch(root: Path, branch: str, commit: str, current: str) -> None:
-    """Point the local ``branch`` at ``commit``; if it is checked out, sync the index too."""
+    """Point ``branch`` at ``commit`` and check it out: HEAD is the results commit after.
+
+    The workspace already holds exactly that commit's files, so only HEAD and the index
+    move (what the registry then tags is the results commit).
+    """
     _git(root, "update-ref", f"refs/heads/{branch}", commit)
-    if branch == current:
-        _git(root, "reset", "-q")  # the files are already these; only the index lags
+    if branch != current:
+        _git(root, "symbolic-ref", "HEAD", f"refs/heads/{branch}")
+    _git(root, "reset", "-q")
 
 
 def default_branch(deployment: str | None) -> str | None:

@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import dvc_adapter as dvc
+from flows import slots
 from flows.dvc_adapter import dvc_command
 from flows.pipeline import (
     ServerLost,
@@ -31,6 +32,7 @@ from flows.pipeline import (
     run_guarded,
     subprocess_env,
 )
+from stages.fetch import pin_data_path
 
 
 def usable_cpus() -> int:
@@ -78,7 +80,11 @@ def run_experiment(name: str, overrides: dict[str, Any], root: str,
     if threads and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
-    output, status, timed_out = run_guarded(cmd, Path(root), name, timeout_s, log, env=env)
+    # guardrails: one resource slot and (on a multi-GPU machine) one GPU per experiment
+    with slots.slot(log, f"experiment '{name}'"), slots.device_pool().device() as gpu:
+        env.update(gpu)
+        output, status, timed_out = run_guarded(cmd, Path(root), name, timeout_s, log,
+                                                env=env)
     seconds = round(time.perf_counter() - start, 3)
     failure = f"timed out after {timeout_s} s" if timed_out else dvc_failure(output, status)
     if failure:
@@ -104,7 +110,8 @@ def sweep(grid: dict[str, list[Any]] | list[dict[str, Any]], root: str | None = 
 
     log = get_run_logger()
     repo_root = resolve_root(root)
-    points = expand_grid(grid)
+    # a data.path outside the repo must be absolute inside the --temp copy (.dvc/tmp/...)
+    points = [pin_data_path(point, repo_root) for point in expand_grid(grid)]
     if pull:
         publish.start_run(repo_root)
     prefix = name_prefix or flow_run.name or "sweep"

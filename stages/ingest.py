@@ -14,9 +14,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from stages.data_report import (
+    Duplicates,
+    build_report,
+    class_balance_rows,
+    drop_train,
+    find_duplicates,
+    sha256_path,
+    write_report,
+)
 from stages.errors import UserError, run_cli
+from stages.fetch import repo_root, resolve_input
 from stages.io import atomic_dir, remove_output, save_split, split_bytes, write_json
-from stages.params import load_params
+from stages.params import DataParams, load_params
 from stages.sources import RawData, load_source, validate_raw
 
 log = logging.getLogger("convflow.ingest")
@@ -44,20 +56,59 @@ def write_raw(out: str | Path, data: RawData) -> None:
         write_json(tmp / "meta.json", raw_meta(data))
 
 
+def drop_duplicates(data: RawData, drop: bool) -> tuple[RawData, Duplicates, int]:
+    """Count exact duplicates (a train image in test is a leak); drop them from train if asked."""
+    dups = find_duplicates(data)
+    if len(dups.train_in_test):
+        log.warning("%d training image(s) also in the test split (a leak)%s",
+                    len(dups.train_in_test), "; dropped from train" if drop
+                    else "; set data.drop_duplicates: true to drop them from train")
+    if len(dups.within_train):
+        log.warning("%d training image(s) repeat an earlier one%s", len(dups.within_train),
+                    "; dropped" if drop else "")
+    dropped = dups.drop() if drop else np.empty(0, np.int64)
+    return (drop_train(data, dropped) if len(dropped) else data), dups, len(dropped)
+
+
+def input_sha256(p: DataParams) -> str | None:
+    """sha256 of the input's bytes (cifar10: the verified ``data.sha256``; synthetic: none)."""
+    if p.source == "synthetic":
+        return None
+    if p.source == "cifar10":
+        return p.sha256.lower()  # verified against the archive before it was read
+    return sha256_path(p.path or "")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: ``python -m stages.ingest --out data/raw``."""
     parser = argparse.ArgumentParser(prog="python -m stages.ingest", description=__doc__)
     parser.add_argument("--out", required=True, type=Path, help="output folder (data/raw)")
+    parser.add_argument("--report", type=Path, help="data report, a metrics file (JSON)")
+    parser.add_argument("--balance", type=Path, help="class-balance plot data (JSON)")
     args = parser.parse_args(argv)
     p = load_params().data
-    log.info("reading data.source %s%s", p.source, f" from {p.path}" if p.path else "")
+    given = p.path
+    root = repo_root()
+    if p.path and p.source != "synthetic" and root != Path.cwd().resolve():
+        # relative to the repository root, whichever folder runs the stage
+        p = p.model_copy(update={"path": str(resolve_input(p.path, root))})
+    log.info("reading data.source %s%s", p.source,
+             f" from {given}" if given and p.source != "synthetic" else "")
     try:
         data = load_source(p)
         validate_raw(data, p.path or p.source)
+        data, dups, dropped = drop_duplicates(data, p.drop_duplicates)
         write_raw(args.out, data)
+        if args.report:
+            write_report(args.report, build_report(
+                data, dups, dropped, input_sha256(p), given if p.source != "synthetic" else None))
+        if args.balance:
+            write_report(args.balance, class_balance_rows(data))
     except UserError:
         # an old output from other params must not pass for this run's result
-        remove_output(args.out)
+        for out in (args.out, args.report, args.balance):
+            if out:
+                remove_output(out)
         raise
     log.info("wrote %s: %d train + %d test images, %d classes (%s) from %s",
              args.out, len(data.train_labels), len(data.test_labels), len(data.classes),

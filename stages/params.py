@@ -56,6 +56,8 @@ class DataParams(_Group):
     path: str | None = Field(None, description="local archive, .npz or image folder")
     url: str = OFFICIAL_CIFAR10_URL
     sha256: str = Field(OFFICIAL_CIFAR10_SHA256, pattern=r"^[0-9a-fA-F]{64}$")
+    drop_duplicates: bool = Field(False, description="drop exact duplicates (and test images) "
+                                  "from train")
     synthetic: SyntheticParams = SyntheticParams()
 
     @model_validator(mode="after")
@@ -124,6 +126,15 @@ class PlotParams(_Group):
                               description="test image used in the kernel demo")
 
 
+# ---------------------------------------------------------------------- gate
+class GateParams(_Group):
+    """What a new model must reach before the flow ships it (``gate.*``)."""
+
+    min_accuracy: float = Field(0.0, ge=0, le=1, description="absolute floor on test accuracy")
+    max_drop: float = Field(0.02, ge=0, le=1,
+                            description="largest accuracy drop allowed below production")
+
+
 class Params(_Group):
     """All of ``params.yaml``."""
 
@@ -132,6 +143,7 @@ class Params(_Group):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     plot: PlotParams = PlotParams()
+    gate: GateParams = GateParams()
 
 
 def _field_name(loc: tuple[Any, ...]) -> str:

@@ -18,7 +18,7 @@ import torch
 
 from stages.errors import UserError, run_cli
 from stages.models import load_model
-from stages.paths import pipeline_paths
+from stages.paths import find_root, pipeline_paths
 from stages.sources.images import decode_image
 from stages.sources.safety import max_file_bytes, too_big
 
@@ -56,11 +56,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("images", nargs="+", help="PNG/JPEG files")
     ap.add_argument("--model", help="model file (default: the pipeline's models/model.pt)")
+    ap.add_argument("--stage", help="take the model in this registry stage instead (e.g. prod)")
     ap.add_argument("--top", type=int, default=3, help="classes to show per image (default 3)")
     args = ap.parse_args(argv)
     if args.top < 1:
         raise UserError("--top must be at least 1")
     model_path = Path(args.model) if args.model else pipeline_paths()["model"]
+    if args.stage:  # the model registry (GTO tags, flows/registry.py), fetched through DVC
+        from flows.registry import fetch_model
+
+        model_path = fetch_model(find_root(), args.stage)
     model, meta = load_model(model_path)
     _, h, w = meta["input"]["shape"]
     batch = np.stack([load_image(path, (h, w)) for path in args.images])

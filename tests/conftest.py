@@ -98,7 +98,7 @@ def make_pipeline_repo(dest: Path, overrides: dict[str, Any] | None = None) -> P
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in ("stages", "flows"):
         shutil.copytree(PROJECT / name, dest / name, ignore=ignore)
-    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
+    for name in ("dvc.yaml", "params.yaml", "production.yaml", ".gitignore", ".dvcignore"):
         shutil.copy2(PROJECT / name, dest / name)
     params = deep_merge(yaml.safe_load((PROJECT / "params.yaml").read_text()), TINY_PARAMS)
     (dest / "params.yaml").write_text(yaml.safe_dump(deep_merge(params, overrides or {}),

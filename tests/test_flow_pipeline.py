@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import make_pipeline_repo, write_params
 
-STAGES = ["ingest", "normalize", "train", "evaluate", "plot"]
+STAGES = ["fetch", "ingest", "normalize", "train", "evaluate", "plot", "gate"]
 
 
 @pytest.mark.slow  # the whole tiny pipeline, twice over (~40 s on 2 cores)
@@ -24,5 +24,5 @@ def test_run_twice_then_change_epochs_runs_only_train_and_downstream(prefect_api
 
     write_params(repo, {"train": {"epochs": 1}})
     third = {r["stage"]: r["status"] for r in pipeline(root=str(repo))}
-    assert third == {"ingest": "up to date", "normalize": "up to date",
-                     "train": "ran", "evaluate": "ran", "plot": "ran"}
+    assert third == {"fetch": "up to date", "ingest": "up to date", "normalize": "up to date",
+                     "train": "ran", "evaluate": "ran", "plot": "ran", "gate": "ran"}

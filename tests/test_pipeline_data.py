@@ -18,7 +18,7 @@ def _repro(repo: Path) -> list[str]:
 
 
 def test_repro_then_params_changes_rerun_only_what_they_affect(pipeline_repo: Path) -> None:
-    assert _repro(pipeline_repo) == ["ingest", "normalize"]
+    assert _repro(pipeline_repo) == ["fetch", "ingest", "normalize"]
     stats = json.loads((pipeline_repo / "data/processed/stats.json").read_text())
     assert stats["source"] == "synthetic" and len(stats["classes"]) == 10
     # TINY_PARAMS: 400 train images, 10% of them stratified into validation

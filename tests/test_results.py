@@ -56,7 +56,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 def test_full_pipeline_reproduces_end_to_end(repo: tuple[Path, str]) -> None:
     root, out = repo
-    assert ran_stages(out) == ["ingest", "normalize", "train", "evaluate", "plot"]
+    assert ran_stages(out) == ["fetch", "ingest", "normalize", "train", "evaluate", "plot"]
     summary = json.loads((root / "metrics/evaluate.json").read_text())
     assert summary["dataset"] == {"source": "synthetic", "n_test": 200, "n_classes": 10}
     assert summary["device"] == "cpu"

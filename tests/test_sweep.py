@@ -27,6 +27,7 @@ def test_expand_grid_is_the_cartesian_product():
 def test_two_point_sweep_yields_two_experiments_in_dvc_exp_show(prefect_api, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     from flows.sweep import sweep
 
@@ -55,7 +56,7 @@ def test_two_point_sweep_yields_two_experiments_in_dvc_exp_show(prefect_api, tmp
     with get_client(sync_client=True) as client:
         (art,) = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["convflow-sweep"])),
-            limit=1)
+            sort=ArtifactSort.CREATED_DESC, limit=1)  # this test's: the newest
     assert {r["experiment"] for r in json.loads(art.data)} == {"pts-1", "pts-2"}
 
 

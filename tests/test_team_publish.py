@@ -67,7 +67,9 @@ def test_a_run_commits_to_its_results_branch_and_leaves_main_alone(origin, tmp_p
     commit = publish(work, "convflow: pipeline run r1 (id-1)", branch=BRANCH)
     assert git(origin, "rev-parse", BRANCH).strip() == commit
     assert git(origin, "rev-parse", "main").strip() == start        # main untouched
-    assert git(work, "rev-parse", "HEAD").strip() == start          # the clone too
+    # the clone is on the results commit now; its files were already those
+    assert git(work, "rev-parse", "HEAD").strip() == commit
+    assert git(work, "status", "--porcelain").strip() == ""
     assert git(origin, "log", "-1", "--format=%P", BRANCH).split() == [start]
     assert git(origin, "show", f"{BRANCH}:m.json").strip() == '{"n": 3}'
     assert "big.bin" not in git(origin, "ls-tree", "-r", "--name-only", BRANCH).split()

@@ -35,8 +35,12 @@ def locate_archive(path: str | None, url: str, sha256: str) -> Path:
     """The verified archive: ``path`` if given, else the cached download (fetched if absent)."""
     if path:
         archive = Path(path).expanduser()
-        if archive.is_dir():
-            raise UserError(f"data.path: {archive} is a folder; set it to the "
+        fetched = archive / (Path(urlparse(url).path).name or "cifar-10-python.tar.gz")
+        if archive.is_dir() and fetched.is_file():
+            archive = fetched  # the fetch stage's folder (data/download)
+        elif archive.is_dir():
+            raise UserError(f"data.path: {archive} is a folder without {fetched.name}; run "
+                            "`dvc repro fetch` (or `dvc pull fetch`), or set data.path to the "
                             "cifar-10-python.tar.gz archive itself (its checksum is verified)")
         if not archive.is_file():
             raise UserError(f"data.path: {archive} does not exist; set it to your "

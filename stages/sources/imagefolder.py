@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -120,13 +120,19 @@ def _read_archive(archive: Path) -> list[tuple[tuple[str, ...], bytes | None]]:
     return entries
 
 
-def decode_images(items: list[tuple[str, bytes]], where: str) -> tuple[np.ndarray, int]:
-    """Decode PNG/JPEG bytes to uint8 N x 3 x 32 x 32 RGB; returns (images, number resized)."""
+def decode_images(items: list[tuple[str, bytes]], where: str,
+                  sizes: Counter[str] | None = None) -> tuple[np.ndarray, int]:
+    """Decode PNG/JPEG bytes to uint8 N x 3 x 32 x 32 RGB; returns (images, number resized).
+
+    ``sizes``, if given, counts the sizes seen (``"WxH"``) for the data report.
+    """
     out = np.empty((len(items), 3, 32, 32), np.uint8)
     resized = 0
     for i, (name, data) in enumerate(items):
         out[i], original = decode_image(data, f"{where}/{name}")
         resized += original != (32, 32)
+        if sizes is not None:
+            sizes[f"{original[0]}x{original[1]}"] += 1
     return out, resized
 
 
@@ -150,11 +156,12 @@ def load_imagefolder(path: str | None) -> RawData:
                         f"lacks; train classes are {', '.join(classes)}")
     split_arrays = {}
     total_resized = 0
+    sizes: Counter[str] = Counter()
     for split in SPLITS:
         images, labels = [], []
         for label, cls in enumerate(classes):
             items = sorted(files[split].get(cls, []))
-            arr, resized = decode_images(items, f"{root}/{split}/{cls}")
+            arr, resized = decode_images(items, f"{root}/{split}/{cls}", sizes)
             total_resized += resized
             images.append(arr)
             labels.append(np.full(len(arr), label, np.int64))
@@ -163,4 +170,5 @@ def load_imagefolder(path: str | None) -> RawData:
         log.info("%s: resized %d image(s) of another size to 32x32", root, total_resized)
     (x_train, y_train), (x_test, y_test) = split_arrays["train"], split_arrays["test"]
     return RawData(x_train, y_train, x_test, y_test, classes, source="imagefolder",
-                   details={"path": root.name, "resized": total_resized})
+                   details={"path": root.name, "resized": total_resized,
+                            "sizes": dict(sizes)})
