@@ -191,7 +191,9 @@ def _tracked(root: str | Path) -> tuple[dict[str, frozenset[str]], set[str], set
                     if isinstance(dep, ParamsDependency):
                         params_files.add(os.path.relpath(dep.fs_path, root))
                         keys |= set(dep.params)
-                declared[stage.name] = frozenset(keys)
+                name = getattr(stage, "name", None)  # a `.dvc` file (dvc add) has none
+                if name:
+                    declared[name] = frozenset(keys)
                 for out in stage.outs:
                     if (out.metric or out.plot) and not out.use_cache:
                         uncached.add(os.path.relpath(out.fs_path, root))

@@ -29,7 +29,7 @@ def fits(condition: bool, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """one -> score (uncached metric), one -> curve (uncached plot); reproduced, committed."""
+    """one -> score (uncached metric), one -> curve (uncached plot), plus a `dvc add`ed file."""
     root = make_toy_repo(tmp_path_factory.mktemp("contract") / "toy", {
         "one": {"cmd": py_stage(ONE), "params": ["a.n"], "outs": ["one.txt"]},
         "score": {"cmd": py_stage(SCORE), "deps": ["one.txt"],
@@ -39,6 +39,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
                   "plots": [{"p.json": {"cache": False}}]},
     })
     (root / "other.yaml").write_text("c: 3\n")
+    (root / "input.txt").write_text("data a user tracks with `dvc add`\n")
+    dvc(root, "add", "input.txt")  # a `.dvc` file is a stage without a name or command
     dvc(root, "repro")
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "reproduced")

@@ -159,6 +159,9 @@ class _ParamsReads(ast.NodeVisitor):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
                 and node.func.id == "load_params"):
             return ""
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "model_copy"):  # p.model_copy(update=...) is params too
+            return self._prefix(node.func.value)
         if isinstance(node, ast.Attribute):
             base = self._prefix(node.value)
             if base is not None:

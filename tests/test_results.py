@@ -56,7 +56,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 def test_full_pipeline_reproduces_end_to_end(repo: tuple[Path, str]) -> None:
     root, out = repo
-    assert ran_stages(out) == ["fetch", "ingest", "normalize", "train", "evaluate", "plot"]
+    assert ran_stages(out) == ["fetch", "ingest", "normalize", "train", "evaluate", "plot",
+                              "gate"]
     summary = json.loads((root / "metrics/evaluate.json").read_text())
     assert summary["dataset"] == {"source": "synthetic", "n_test": 200, "n_classes": 10}
     assert summary["device"] == "cpu"
@@ -90,7 +91,7 @@ def test_plot_param_reruns_only_plot(repo: tuple[Path, str]) -> None:
 def test_evaluate_param_reruns_evaluate_and_plot_only(repo: tuple[Path, str]) -> None:
     root, _ = repo
     write_params(root, {"evaluate": {"tta_flip": True}})
-    assert ran_stages(dvc(root, "repro").stdout) == ["evaluate", "plot"]
+    assert ran_stages(dvc(root, "repro").stdout) == ["evaluate", "plot", "gate"]
     assert json.loads((root / "metrics/evaluate.json").read_text())["tta_flip"] is True
     restore(root)
 
@@ -102,7 +103,7 @@ def test_lr_change_is_named_by_metrics_params_and_plots_diff(repo: tuple[Path, s
     old_lr = yaml.safe_load((root / "params.yaml").read_text())["train"]["lr"]
     assert old_lr != 0.02
     write_params(root, {"train": {"lr": 0.02}})
-    assert ran_stages(dvc(root, "repro").stdout) == ["train", "evaluate", "plot"]
+    assert ran_stages(dvc(root, "repro").stdout) == ["train", "evaluate", "plot", "gate"]
     git(root, "commit", "-q", "-am", "lr 0.02")
     after = json.loads((root / "metrics/evaluate.json").read_text())["test"]
 
