@@ -340,27 +340,6 @@ def publish_artifacts(root: Path, summary: list[dict[str, Any]], rev: str = "HEA
                              description="Metrics and params against the last commit")
 
 
-# ---------------------------------------------------------------------------- push / commit
-
-def dvc_push(root: Path, log: Any, timeout_s: float | None = None) -> None:
-    """``dvc push`` to the default remote; a failed transfer raises ``StageFailed('push')``."""
-    output, status, timed_out = run_guarded(dvc_command("push"), root, "push", timeout_s, log)
-    failure = f"timed out after {timeout_s} s" if timed_out else dvc_failure(output, status)
-    if failure:
-        raise StageFailed("dvc push", failure, status, False, kind="step")
-
-
-def commit_results(root: Path, message: str) -> bool:
-    """Commit dvc.lock, params files and uncached metrics/plots; False if nothing changed."""
-    paths = dvc.committed_files(root)
-    subprocess.run(["git", "add", "--", *paths], cwd=root, check=True)
-    staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", *paths], cwd=root)
-    if staged.returncode == 0:
-        return False
-    subprocess.run(["git", "commit", "-q", "-m", message, "--", *paths], cwd=root, check=True)
-    return True
-
-
 # ---------------------------------------------------------------------------- crashed runs
 
 #: The Prefect automation that marks a run CRASHED once its heartbeats stop.
@@ -432,9 +411,12 @@ def pipeline(root: str | None = None, force: bool = False, timeout_s: float | No
              retries: int = 2, retry_delay_s: float = 10.0,
              retry_stages: list[str] | None = None,
              push: bool = False, commit: bool = False,
-             promote: str | None = None) -> list[dict[str, Any]]:
+             promote: str | None = None, pull: bool = False,
+             branch: str | None = None) -> list[dict[str, Any]]:
     """Reproduce the DVC pipeline, one Prefect task per stage, in DVC's own order."""
     from prefect.runtime import flow_run
+
+    from flows import publish  # pull / push / commit: outputs to DVC, results to git
 
     log = get_run_logger()
     # no chdir: DVC and the stages run with cwd=root, and the caller's cwd stays its own
@@ -446,6 +428,8 @@ def pipeline(root: str | None = None, force: bool = False, timeout_s: float | No
         retry_delay_seconds=exponential_backoff(backoff_factor=retry_delay_s) if retries else 0,
         retry_jitter_factor=0.2 if retries else None,
     )
+    if pull:
+        publish.start_run(repo_root, retries, retry_delay_s)
     dvc.forget(repo_root)  # read dvc.yaml afresh on every run
     nodes = stage_graph(repo_root)
     log.info("stages in DVC order: %s", ", ".join(n.name for n in nodes))
@@ -494,12 +478,8 @@ def pipeline(root: str | None = None, force: bool = False, timeout_s: float | No
     gate_failed = alerts.check_gate(repo_root)  # guardrails: a failed gate ships nothing
     if gate_failed:
         raise StageFailed("gate", gate_failed, None, False)
-    if push:
-        dvc_push(repo_root, log, timeout_s)
-    if commit:
-        run_name = flow_run.name or "manual"
-        if commit_results(repo_root, f"convflow: pipeline run {run_name} ({flow_run.id})"):
-            log.info("committed dvc.lock, params and metrics")
-            registry.ship(repo_root, f"convflow: run {run_name} passed the gate", promote,
-                          push, log)  # guardrails: a version in the model registry
+    # outputs to the DVC remote, then the results commit (HEAD moves onto it) to git
+    if publish.finish_run(repo_root, "pipeline", push, commit, branch, retries, retry_delay_s):
+        registry.ship(repo_root, f"convflow: run {flow_run.name or 'manual'} passed the gate",
+                      promote, push, log)  # guardrails: a version in the model registry
     return summary

@@ -101,14 +101,19 @@ def exp_show_rows(root: str | Path, names: set[str] | None = None) -> list[dict[
 @flow(name="convflow-sweep")
 def sweep(grid: dict[str, list[Any]] | list[dict[str, Any]], root: str | None = None,
           max_parallel: int = 2, timeout_s: float | None = None,
-          name_prefix: str | None = None) -> list[dict[str, Any]]:
+          name_prefix: str | None = None, pull: bool = False,
+          push: bool = False) -> list[dict[str, Any]]:
     """Run every point of ``grid`` as a DVC experiment, ``max_parallel`` at a time."""
     from prefect.runtime import flow_run
+
+    from flows import publish  # pull: dvc pull first; push: dvc exp push to git + DVC remote
 
     log = get_run_logger()
     repo_root = resolve_root(root)
     # a data.path outside the repo must be absolute inside the --temp copy (.dvc/tmp/...)
     points = [pin_data_path(point, repo_root) for point in expand_grid(grid)]
+    if pull:
+        publish.start_run(repo_root)
     prefix = name_prefix or flow_run.name or "sweep"
     names = [f"{prefix}-{i}" for i in range(1, len(points) + 1)]
     threads = max(1, usable_cpus() // max(1, max_parallel))
@@ -135,6 +140,9 @@ def sweep(grid: dict[str, list[Any]] | list[dict[str, Any]], root: str | None = 
             except Exception as exc:
                 failures.append(StageFailed("sweep", f"{type(exc).__name__}: {exc}", None,
                                             False, kind="step"))
+    if push:  # the experiments that finished; a failed point has nothing to share
+        publish.exp_push(repo_root, [n for n, s in zip(names, states, strict=True)
+                                     if s.is_completed()])
     rows = exp_show_rows(repo_root, set(names))
     if rows:
         create_table_artifact(table=rows, key="convflow-sweep",
