@@ -175,45 +175,21 @@ def stage_changed(root: str | Path, name: str) -> bool:
         return bool(stage.changed())
 
 
-def _tracked(root: str | Path) -> tuple[dict[str, frozenset[str]], set[str], set[str]]:
-    """(params each stage declares, its params files, its uncached metric/plot outputs)."""
+def declared_params(root: str | Path) -> dict[str, frozenset[str]]:
+    """The params keys each stage declares in dvc.yaml, by stage name."""
     declared: dict[str, frozenset[str]] = {}
-    params_files: set[str] = set()
-    uncached: set[str] = set()
-    with _internals("Repo.index.stages (deps, params, outs)"), _in_dir(root):
+    with _internals("Repo.index.stages (deps, params)"), _in_dir(root):
         from dvc.dependency import ParamsDependency
         from dvc.repo import Repo
 
         with Repo(str(root)) as repo:
             for stage in repo.index.stages:
-                keys: set[str] = set()
-                for dep in stage.deps:
-                    if isinstance(dep, ParamsDependency):
-                        params_files.add(os.path.relpath(dep.fs_path, root))
-                        keys |= set(dep.params)
                 name = getattr(stage, "name", None)  # a `.dvc` file (dvc add) has none
                 if name:
-                    declared[name] = frozenset(keys)
-                for out in stage.outs:
-                    if (out.metric or out.plot) and not out.use_cache:
-                        uncached.add(os.path.relpath(out.fs_path, root))
-    return declared, params_files, uncached
-
-
-def declared_params(root: str | Path) -> dict[str, frozenset[str]]:
-    """The params keys each stage declares in dvc.yaml, by stage name."""
-    return _tracked(root)[0]
-
-
-def committed_files(root: str | Path) -> list[str]:
-    """Files git should track after a run: dvc.lock, params files, uncached metrics/plots,
-    and the .gitignore files DVC writes beside outputs (all that exist, relative to root)."""
-    _, params_files, uncached = _tracked(root)
-    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
-                             cwd=root, capture_output=True, text=True, check=True).stdout
-    ignores = {line[3:] for line in changed.splitlines() if line[3:].endswith(".gitignore")}
-    paths = {"dvc.lock"} | params_files | uncached | ignores
-    return sorted(p for p in paths if (Path(root) / p).exists())
+                    declared[name] = frozenset(
+                        k for dep in stage.deps if isinstance(dep, ParamsDependency)
+                        for k in dep.params)
+    return declared
 
 
 # ------------------------------------------------------------ the command line's JSON

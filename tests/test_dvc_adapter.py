@@ -75,17 +75,7 @@ def test_stage_changed_follows_params(repo: Path) -> None:
         adapter.forget(repo)
 
 
-def test_committed_files_and_declared_params(repo: Path) -> None:
-    files = adapter.committed_files(repo)
-    fits(files == ["dvc.lock", "m.json", "other.yaml", "p.json", "params.yaml"],
-         f"committed_files: {files}")
-    (repo / "sub").mkdir(exist_ok=True)
-    (repo / "sub" / ".gitignore").write_text("/x\n")  # as DVC writes beside an output
-    try:
-        fits("sub/.gitignore" in adapter.committed_files(repo), "committed_files misses the "
-             ".gitignore files DVC writes")
-    finally:
-        (repo / "sub" / ".gitignore").unlink()
+def test_declared_params(repo: Path) -> None:
     declared = adapter.declared_params(repo)
     fits(declared == {"one": {"a.n"}, "score": {"a.n", "c"}, "curve": set()},
          f"declared_params: {declared}")
