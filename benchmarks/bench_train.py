@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 from stages.errors import setup_logging  # noqa: E402
 from stages.models import SeedNet  # noqa: E402
 from stages.params import TrainParams  # noqa: E402
-from stages.train import Dataset, Settings, evaluate, fit  # noqa: E402
+from stages.device import Settings  # noqa: E402
+from stages.train import Dataset, evaluate, fit  # noqa: E402
 
 SHARED_JPEG = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 CACHE = ROOT / "bench-out" / "cifar10-jpeg.npz"
@@ -228,11 +229,11 @@ def gpu_mode(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
     data = Dataset(train_x, train_y, train_x[:0], train_y[:0], [str(i) for i in range(10)],
                    mean, std)
     for name, recipe, epochs in (("seed_net", GPU_SEED, 6), ("airbench", GPU_AIRBENCH, 10)):
-        times: list[float] = []
         p = TrainParams(**{**recipe, "epochs": epochs})
         t0 = time.perf_counter()
-        result = fit(p, data, device, on_epoch=lambda r, _s, t=times: t.append(r["epoch_time"]))
+        result = fit(p, data, device)
         total = time.perf_counter() - t0
+        times = result.epoch_seconds
         xt = torch.from_numpy(test_x).to(device)
         yt = torch.from_numpy(np.asarray(test_y, np.int64)).to(device)
         _, acc = evaluate(result.model, xt, yt, result.settings)

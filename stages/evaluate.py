@@ -239,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if images.dtype != np.uint8 or images.ndim != 4:
         raise UserError(f"{data / 'test.npz'}: expected uint8 N x C x H x W images, got "
                         f"{images.dtype} {images.shape}; re-run normalize")
-    device = pick_device("auto")
+    device = pick_device("auto", logger=log)
     model, meta = load_model(args.model, map_location=device)
     check_compatible(meta, classes, images.shape[1:], args.model, data)
 

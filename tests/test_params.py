@@ -85,7 +85,8 @@ def test_declared_params_equal_schema_groups() -> None:
 STAGE_SOURCES = {
     "ingest": ["stages/ingest.py", "stages/sources"],
     "normalize": ["stages/normalize.py"],
-    "train": ["stages/train.py", "stages/models.py", "stages/device.py", "stages/ddp.py"],
+    "train": ["stages/train.py", "stages/loader.py", "stages/recipe.py", "stages/models.py",
+              "stages/device.py", "stages/ddp.py"],
     "evaluate": ["stages/evaluate.py"],
     "plot": ["stages/plot.py", "stages/figures.py"],
 }
