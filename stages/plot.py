@@ -23,7 +23,7 @@ from stages import figures as F
 from stages.errors import UserError, run_cli
 from stages.evaluate import confusion_matrix
 from stages.io import atomic_dir, load_split, read_json
-from stages.models import load_model
+from stages.models import first_layer_title, load_model
 from stages.params import PlotParams, load_params
 
 log = logging.getLogger("convflow.plot")
@@ -48,6 +48,7 @@ class PlotInputs:
     loss_history: tuple[list[float], list[float]]  # iterations, losses
     accuracy: dict[str, tuple[list[float], list[float]]]  # split -> epochs, accuracy
     first_filters: np.ndarray  # out x in x k x k weights of the model's first conv layer
+    filters_title: str = "Learned first-layer filters"  # what they are (models.first_layer_title)
 
 
 def nhwc(images: np.ndarray) -> np.ndarray:
@@ -81,7 +82,7 @@ def make_figures(inp: PlotInputs, p: PlotParams) -> dict[str, Figure]:
         "max_pooling": F.max_pooling_figure(p.dpi),
         "confusion_matrix": F.confusion_figure(
             confusion_matrix(inp.test_labels, inp.predicted, len(names)), names, p.dpi),
-        "filters": F.filters_figure(inp.first_filters, p.dpi),
+        "filters": F.filters_figure(inp.first_filters, p.dpi, inp.filters_title),
         "most_confident_wrong": F.wrong_grid_figure(wrong_images, inp.wrong, names, p.dpi),
     }
 
@@ -145,7 +146,7 @@ def load_inputs(data: Path, raw: Path, model_path: Path, eval_dir: Path, live: P
         test_images=test_images, test_labels=test_labels,
         predicted=predicted, wrong=read_json(eval_dir / "wrong.json"),
         loss_history=read_loss_history(live / LOSS_HISTORY), accuracy=accuracy,
-        first_filters=first_conv_weights(model),
+        first_filters=first_conv_weights(model), filters_title=first_layer_title(model),
     )
 
 

@@ -30,3 +30,18 @@ def test_changing_epochs_reruns_train_and_downstream_only(pipeline_repo: Path) -
         "old": 2, "new": 3, "diff": 1}
     # nothing is stale afterwards, so a third repro runs nothing
     assert ran_stages(dvc(pipeline_repo, "repro").stdout) == []
+
+
+def test_identical_rerun_leaves_dvc_lock_and_git_clean(pipeline_repo: Path) -> None:
+    """No wall-clock value in a tracked output: retraining to the same result changes nothing."""
+    dvc(pipeline_repo, "repro", "train")
+    git(pipeline_repo, "add", "-A")
+    git(pipeline_repo, "commit", "-q", "-m", "trained")
+    lock = (pipeline_repo / "dvc.lock").read_text()
+    (pipeline_repo / "models/checkpoint.pt").unlink()  # a full retrain, not a resume
+    assert "train" in ran_stages(dvc(pipeline_repo, "repro", "-f", "train").stdout)
+    assert git(pipeline_repo, "status", "--porcelain") == ""
+    assert (pipeline_repo / "dvc.lock").read_text() == lock
+    # downstream sees nothing new either: plot and evaluate would not re-run for it
+    status = json.loads(dvc(pipeline_repo, "status", "train", "--json").stdout)
+    assert status == {}
