@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -57,3 +58,6 @@ def test_evaluate_stage_logs_as_evaluate(tmp_path: Path, monkeypatch: pytest.Mon
                     and r.getMessage().startswith("using")]
     assert [r.name for r in device_lines] == ["convflow.evaluate"]
     assert "train.device" not in caplog.text
+    # and beside the plain accuracy, the flip + translate TTA accuracy (stages.tta)
+    test = json.loads((tmp_path / "metrics/evaluate.json").read_text())["test"]
+    assert {"accuracy", "accuracy_tta"} <= set(test)
