@@ -378,7 +378,7 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
 
 
 def train_process(data_dir: str, model_path: str, checkpoint_path: str, live_dir: str,
-                  p: TrainParams, device_name: str) -> dict[str, Any]:
+                  p: TrainParams, device_name: str) -> FitResult:
     """Everything one training process does (rank 0 of several writes the outputs)."""
     rank, world = _ddp()
     device = torch.device(device_name)
@@ -420,7 +420,7 @@ def train_process(data_dir: str, model_path: str, checkpoint_path: str, live_dir
         live.finish(result.history)
         log.info("trained %s for %s epochs in %.1f s (this run); val acc %s -> %s", p.model,
                  p.epochs, seconds, final.get("val/acc"), model_path)
-    return final
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> None:
