@@ -103,9 +103,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-flow-") as tmp:
         repo = args.repo.resolve() if args.repo else make_checkout(Path(tmp) / "repo")
-        cwd = os.getcwd()
         statuses = {r["status"] for r in pipeline(root=str(repo))}  # warm-up + check
-        os.chdir(cwd)
         if statuses != {"up to date"}:
             raise SystemExit(f"{repo} is not up to date ({statuses}): run dvc repro first")
         timed([sys.executable, "-m", "dvc", "repro"], repo)  # warm the OS caches
@@ -115,7 +113,6 @@ def main() -> None:
             start = time.perf_counter()
             pipeline(root=str(repo))
             inproc.append(time.perf_counter() - start)
-            os.chdir(cwd)
             cli.append(timed([sys.executable, "-m", "flows", "run", "--root", str(repo)],
                              PROJECT))
 

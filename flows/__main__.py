@@ -8,27 +8,78 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import logging
+import os
 import sys
+from pathlib import Path
+from typing import Any, NoReturn
 
 import yaml
+
+PROG = "convflow.flow"
+#: Exit statuses: a user mistake (as the stages), any other failure, a lost Prefect server.
+USER_ERROR, FAILED, SERVER_LOST = 2, 1, 75
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake reported as the stages do: one line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{PROG}: error: {message} (see python -m flows --help)", file=sys.stderr)
+        sys.exit(USER_ERROR)
 
 
 def _grid(items: list[str]) -> dict[str, list]:
     """``-S key=v1,v2`` options as a sweep grid {key: [v1, v2]}; values parsed as YAML."""
+    from stages.errors import UserError
+
     grid: dict[str, list] = {}
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or not key or not values:
-            raise SystemExit(f"-S {item!r}: expected key=value[,value...]")
-        grid[key] = [yaml.safe_load(v) for v in values.split(",")]
+            raise UserError(f"-S {item!r}: expected key=value[,value...]")
+        try:
+            grid[key] = [yaml.safe_load(v) for v in values.split(",")]
+        except yaml.YAMLError as exc:
+            raise UserError(f"-S {item!r}: not a YAML value: {exc}".splitlines()[0]) from None
     return grid
+
+
+def check_points(root: Path, grid: dict[str, list]) -> None:
+    """Refuse a sweep point the params schema rejects, before any experiment starts.
+
+    Only for a checkout whose own params.yaml follows convflow's schema.
+    """
+    from flows.sweep import expand_grid
+    from stages.errors import UserError
+    from stages.params import parse_params
+
+    try:
+        base = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+        parse_params(base)
+    except (OSError, yaml.YAMLError, UserError):
+        return  # not convflow's params: the experiments' own stages will judge
+    for point in expand_grid(grid):
+        raw = copy.deepcopy(base)
+        for key, value in point.items():
+            *groups, leaf = key.split(".")
+            node = raw
+            for group in groups:
+                node = node.setdefault(group, {}) if isinstance(node, dict) else {}
+            node[leaf] = value
+        source = "-S " + " -S ".join(f"{k}={v}" for k, v in point.items())
+        try:
+            parse_params(raw, source)
+        except UserError as exc:
+            raise UserError(" ".join(str(exc).split())) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m flows`` argument parser."""
-    parser = argparse.ArgumentParser(prog="python -m flows", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="python -m flows", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="reproduce the pipeline once as a Prefect flow run")
     serve = sub.add_parser("serve", help="serve the pipeline flow on a schedule")
@@ -59,54 +110,152 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    from stages.errors import UserError
+
+    for name in ("timeout", "interval"):
+        value = getattr(args, name, None)
+        if value is not None and not 0 < value < float("inf"):
+            raise UserError(f"--{name} must be a positive number of seconds (got {value})")
+    if getattr(args, "retries", 0) < 0:
+        raise UserError(f"--retries must be 0 or more (got {args.retries})")
+    if getattr(args, "jobs", 1) < 1:
+        raise UserError(f"--jobs must be 1 or more (got {args.jobs})")
+
+
+class _ConsoleFilter(logging.Filter):
+    """Prefect's console without tracebacks or repeats of the error the CLI prints once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(("prefect.events", "prefect._internal")):
+            return False  # background services' complaints about a lost server
+        engine = record.name.startswith(("prefect.flow_runs", "prefect.task_runs"))
+        if engine and record.levelno >= logging.ERROR:
+            return False
+        message = record.getMessage()
+        return not (engine and message.startswith("Finished in state")
+                    and "Completed" not in message)
+
+
+class _NoTraceback(logging.Formatter):
+    """Formats with ``inner`` but leaves out tracebacks (the API log keeps them)."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def quiet_console() -> None:
+    """Keep Prefect's progress lines on stderr, but no tracebacks and no repeated errors."""
+    loggers = [logging.getLogger()] + [logging.getLogger(name)
+                                       for name in list(logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            stream = getattr(handler, "stream", None)
+            if stream in (sys.stderr, sys.stdout) and not isinstance(handler.formatter,
+                                                                     _NoTraceback):
+                handler.addFilter(_ConsoleFilter())
+                handler.setFormatter(_NoTraceback(handler.formatter))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the chosen flow; a user mistake is one line, exit 2."""
     from stages.errors import UserError
 
     args = build_parser().parse_args(argv)
+    # Set before Prefect reads its settings. A lost server fails a run within a minute
+    # (~6 s of retries per request, not Prefect's ~60 s), and a run whose heartbeats stop
+    # is marked CRASHED about 70 s later (Prefect's default period is 180 s).
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
+    logging.raiseExceptions = False  # a log line the lost server cannot take is dropped
     try:
         return _dispatch(args)
     except UserError as exc:
-        print(f"convflow.flow: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), USER_ERROR)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as exc:
+        from flows.dvc_adapter import DvcError
+        from flows.pipeline import ServerLost, StageFailed, server_lost
+
+        if isinstance(exc, StageFailed):
+            return _fail(str(exc), USER_ERROR if exc.returncode == USER_ERROR else FAILED)
+        if isinstance(exc, DvcError):
+            return _fail(f"dvc: {exc}", USER_ERROR)
+        if isinstance(exc, ServerLost):
+            return _fail(str(exc), SERVER_LOST)
+        lost = server_lost(exc)
+        if lost:
+            return _fail(lost, SERVER_LOST)
+        raise
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    return status
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     from flows.pipeline import resolve_root
 
+    _check_numbers(args)
     # a wrong --root is a one-line error before Prefect starts (or starts a server)
     args.root = str(resolve_root(args.root))
     if args.command == "sweep":
+        grid = _grid(args.grid)
+        check_points(Path(args.root), grid)
+        from prefect import tags
+
+        from flows.pipeline import WATCHED_TAG, ensure_crash_detection
         from flows.sweep import sweep
 
-        grid = _grid(args.grid)
-        rows = sweep(grid, root=args.root, max_parallel=args.jobs, timeout_s=args.timeout)
-        for row in sorted(rows, key=lambda r: r["experiment"]):
-            swept = [f"{k}={row.get(f'params.yaml:{k}')}" for k in grid]
-            metrics = [f"{key.split(':', 1)[1]}={value:.4g}" for key, value in row.items()
-                       if ":" in key and not key.startswith("params.yaml:")
-                       and isinstance(value, float)]
-            print(row["experiment"], row["rev"], *swept, *metrics)
-        print("compare: dvc exp show; keep one: dvc exp apply <name>")
+        quiet_console()
+        ensure_crash_detection()
+        with tags(WATCHED_TAG):
+            rows = sweep(grid, root=args.root, max_parallel=args.jobs, timeout_s=args.timeout)
+        _print_sweep(grid, rows)
         return 0
-    options = {"timeout_s": args.timeout, "retries": args.retries, "push": args.push,
-               "commit": args.commit}
+    options: dict[str, Any] = {"timeout_s": args.timeout, "retries": args.retries,
+                               "push": args.push, "commit": args.commit}
     if args.command == "serve":
+        from flows.pipeline import ensure_crash_detection
         from flows.serve import serve_pipeline
 
+        quiet_console()
+        ensure_crash_detection()
         serve_pipeline(args.root, cron=args.cron, interval=args.interval,
                        collision=args.collision, name=args.name, parameters=options)
         return 0
-    from flows.pipeline import StageFailed, pipeline
+    from prefect import tags
 
-    try:
+    from flows.pipeline import WATCHED_TAG, ensure_crash_detection, pipeline
+
+    quiet_console()
+    ensure_crash_detection()
+    with tags(WATCHED_TAG):
         summary = pipeline(root=args.root, force=args.force, **options)
-    except StageFailed as exc:
-        print(f"convflow.flow: error: {exc}", file=sys.stderr)
-        return 1
     for row in summary:
         print(f"{row['stage']:<12} {row['status']:<24} {row['seconds']:.2f} s")
     return 0
+
+
+def _print_sweep(grid: dict[str, list], rows: list[dict[str, Any]]) -> None:
+    for row in sorted(rows, key=lambda r: r["experiment"]):
+        swept = [f"{k}={row.get(f'params.yaml:{k}')}" for k in grid]
+        metrics = [f"{key.split(':', 1)[1]}={value:.4g}" for key, value in row.items()
+                   if ":" in key and not key.startswith("params.yaml:")
+                   and isinstance(value, float)]
+        print(row["experiment"], row["rev"], *swept, *metrics)
+    print("compare: dvc exp show; keep one: dvc exp apply <name>")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """The Prefect flow that drives the DVC pipeline: one task per stage of ``dvc.yaml``.
 
-DVC stays the only definition of the graph and the only judge of what is stale. The flow
-reads the stages and their order from DVC's own API (``Repo.index.graph`` and the order
-``dvc repro`` itself uses), so a stage added to ``dvc.yaml`` becomes a task with no code
-change. Each task first asks DVC in-process whether its stage changed (~10 ms); only a
-changed stage is reproduced, by ``dvc repro --single-item <stage>`` in a subprocess that
-leads its own process group. The subprocess costs ~1 s, but buys isolation: a timeout
-kills the whole group (DVC and the stage command under it, so no orphan keeps writing),
-and an out-of-memory kill or a crash ends the stage, not the flow.
+DVC stays the only definition of the graph and the only judge of what is stale; the flow
+asks it through ``flows/dvc_adapter.py``. The stages and their order are DVC's own, so a
+stage added to ``dvc.yaml`` becomes a task with no code change. Each task first asks DVC
+in-process whether its stage changed (~0.1 s); only a changed stage is reproduced, by
+``dvc repro --single-item <stage>`` in a subprocess (~1 s) that leads its own process
+group under ``flows/guard.py``. That buys isolation: a timeout kills the whole group (DVC
+and the stage command under it, so no orphan keeps writing), the group dies with the flow
+even when the flow is killed with SIGKILL, and an out-of-memory kill or a crash ends the
+stage, not the flow. A stage running while the Prefect server is unreachable for
+``API_LOST_S`` is stopped the same way, so the run fails promptly and leaves nothing partial.
 
 Run it with ``python -m flows run`` (see ``flows/__main__.py``) or call ``pipeline()``.
 """
@@ -21,9 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +31,25 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from flows import dvc_adapter as dvc
+from flows.dvc_adapter import DiffRow, StageNode, dvc_command
+from flows.dvc_adapter import dvc_env as subprocess_env
 from stages.paths import find_root
+
+__all__ = ["StageNode", "StageFailed", "ServerLost", "ensure_crash_detection", "pipeline",
+           "resolve_root", "stage_graph", "subprocess_env"]
 
 #: Stages whose timeout can be transient (a stalled download): retried after a timeout.
 DEFAULT_RETRY_STAGES = ("ingest",)
-#: Seconds between SIGTERM and SIGKILL when a stage times out.
+#: Seconds between SIGTERM and SIGKILL when a stage is stopped.
 KILL_GRACE_S = 10.0
-#: The exit status of a stage's user error (``stages.errors.run_cli``): never retried.
-USER_ERROR_EXIT = 2
 #: EX_TEMPFAIL: a stage's "the next attempt may succeed" (ingest's network failures).
 TEMPFAIL_EXIT = 75
+#: Seconds a running stage tolerates an unreachable Prefect server before it is stopped.
+API_LOST_S = float(os.environ.get("CONVFLOW_API_LOST_S", "20"))
+#: Seconds between the health checks of the Prefect server while a stage runs.
+API_CHECK_S = 5.0
+GUARD = Path(__file__).resolve().with_name("guard.py")
 _STAGE_ERROR = re.compile(r"^convflow(\.[\w.]+)?: error: ")
 _DVC_ERROR = re.compile(r"^ERROR: .*$", re.MULTILINE)
 #: DVC exits 255 whatever the command did; the command's own status is in its message.
@@ -49,14 +57,6 @@ _CMD_STATUS = re.compile(r"failed to run: .*, exited with (-?\d+)")
 
 
 # ---------------------------------------------------------------------------- the graph
-
-@dataclass(frozen=True)
-class StageNode:
-    """One stage of the DVC graph: its address and the stages it depends on (transitively)."""
-
-    name: str
-    upstream: frozenset[str] = field(default_factory=frozenset)
-
 
 def resolve_root(root: str | Path | None = None) -> Path:
     """The repository root: ``root``, else ``$CONVFLOW_ROOT``, else found from cwd or this file."""
@@ -70,79 +70,30 @@ def resolve_root(root: str | Path | None = None) -> Path:
         return find_root(Path(__file__).resolve().parent)
 
 
-@contextmanager
-def _in_dir(folder: str | Path) -> Iterator[None]:
-    """cwd = ``folder`` inside the block: DVC names stages relative to the cwd."""
-    before = os.getcwd()
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(before)
-
-
-#: One open DVC repo per root, reused while no stage has run: opening one and reading its
-#: index costs ~0.1-0.3 s, and an up-to-date pipeline otherwise pays it once per stage.
-_REPOS: dict[str, Any] = {}
-
-
-def _repo(root: str | Path) -> Any:
-    """The cached ``dvc.repo.Repo`` of ``root`` (opened on first use)."""
-    from dvc.repo import Repo
-
-    key = str(Path(root).resolve())
-    if key not in _REPOS:
-        with _in_dir(key):
-            _REPOS[key] = Repo(key)
-    return _REPOS[key]
-
-
-def forget_repo(root: str | Path) -> None:
-    """Drop the cached repo of ``root``: a stage ran, or dvc.yaml may have changed."""
-    repo = _REPOS.pop(str(Path(root).resolve()), None)
-    if repo is not None:
-        repo.close()
-
-
 def stage_graph(root: str | Path) -> list[StageNode]:
-    """The pipeline stages in the order ``dvc repro`` runs them, read from DVC's own index."""
-    import networkx as nx
-    from dvc.repo.reproduce import plan_repro
-    from dvc.stage import PipelineStage
-
-    with _in_dir(root):
-        graph = _repo(root).index.graph  # edges point from a stage to the stages it depends on
-        nodes = []
-        for stage in plan_repro(graph):
-            if not isinstance(stage, PipelineStage):
-                continue  # `.dvc` files track data; they have no command to run
-            ups = {s.addressing for s in nx.descendants(graph, stage)
-                   if isinstance(s, PipelineStage)}
-            nodes.append(StageNode(stage.addressing, frozenset(ups)))
-    return nodes
-
-
-def stage_changed(root: str | Path, name: str) -> bool:
-    """DVC's own verdict, in-process: would ``dvc repro --single-item name`` run the stage?"""
-    repo = _repo(root)
-    with _in_dir(root), repo.lock:
-        (stage,) = repo.stage.collect(name)
-        return bool(stage.changed())
+    """The pipeline stages in the order ``dvc repro`` runs them (``dvc_adapter``)."""
+    return dvc.stages_in_order(root)
 
 
 # ---------------------------------------------------------------------------- one stage
 
-class StageFailed(RuntimeError):
-    """A stage exited non-zero or timed out; ``str()`` is the stage's own error message."""
+class ServerLost(RuntimeError):
+    """The Prefect server stopped answering while the flow ran."""
 
-    def __init__(self, stage: str, message: str, returncode: int | None, transient: bool):
-        super().__init__(f"stage '{stage}' failed: {message}")
-        self.stage, self.message = stage, message
+
+class StageFailed(RuntimeError):
+    """A stage (or experiment, or push) failed or timed out; ``message`` is its own error."""
+
+    def __init__(self, stage: str, message: str, returncode: int | None, transient: bool,
+                 kind: str = "stage"):
+        super().__init__(f"{kind} '{stage}' failed: {message}")
+        self.stage, self.message, self.kind = stage, message, kind
         self.returncode, self.transient = returncode, transient
 
     def __reduce__(self) -> tuple:
-        # Prefect may pickle a task's exception; keep all four fields across that
-        return (StageFailed, (self.stage, self.message, self.returncode, self.transient))
+        # Prefect may pickle a task's exception; keep every field across that
+        return (StageFailed,
+                (self.stage, self.message, self.returncode, self.transient, self.kind))
 
 
 def command_status(output: str, dvc_status: int | None) -> int | None:
@@ -193,16 +144,38 @@ def _retry_if_transient(task_: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def subprocess_env() -> dict[str, str]:
-    """This interpreter's folder first on PATH, so DVC and the stages use the same venv."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("DVC_NO_ANALYTICS", "1")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
+def server_lost(exc: BaseException) -> str | None:
+    """A one-line reason when ``exc`` (or what caused it) is the Prefect API not answering."""
+    import httpx
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ServerLost):
+            return str(seen)
+        if isinstance(seen, (httpx.TransportError, ConnectionError)):
+            return f"lost the Prefect server at {_api_url()}: {type(seen).__name__}: {seen}"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
-def kill_group(proc: subprocess.Popen, grace_s: float) -> None:
+def dvc_failure(output: str, status: int | None) -> str | None:
+    """Why a DVC command failed, or None: a non-zero status, or an ``ERROR:`` line with status 0.
+
+    DVC can report a failed cache transfer ("ERROR: failed to transfer ...") and still
+    exit 0; the flow treats that as the failure it is.
+    """
+    if status != 0:
+        return error_message(output, status)
+    found = _DVC_ERROR.findall(output)
+    return found[-1].strip() if found else None
+
+
+def guarded(cmd: list[str]) -> list[str]:
+    """``cmd`` run under ``flows/guard.py``: its process group dies with this process."""
+    return [sys.executable, str(GUARD), str(os.getpid()), str(KILL_GRACE_S), "--", *cmd]
+
+
+def kill_group(proc: subprocess.Popen, grace_s: float = KILL_GRACE_S) -> None:
     """SIGTERM the process group ``proc`` leads, then SIGKILL whatever is left after ``grace_s``."""
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         try:
@@ -220,14 +193,31 @@ def kill_group(proc: subprocess.Popen, grace_s: float) -> None:
         return
 
 
-def repro_single(root: Path, name: str, timeout_s: float | None, force: bool,
-                 log: Any) -> tuple[str, int | None, bool]:
-    """``dvc repro --single-item name`` in its own process group: (output, status, timed out)."""
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", name]
-    if force:
-        cmd.append("--force")
-    proc = subprocess.Popen(cmd, cwd=root, env=subprocess_env(), text=True, bufsize=1,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+def _api_url() -> str | None:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
+
+
+def api_reachable(url: str, timeout_s: float = API_CHECK_S) -> bool:
+    """Whether the Prefect API at ``url`` answers its health check."""
+    import httpx
+
+    try:
+        return httpx.get(f"{url.rstrip('/')}/health", timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def run_guarded(cmd: list[str], root: Path, label: str, timeout_s: float | None, log: Any,
+                env: dict[str, str] | None = None) -> tuple[str, int | None, bool]:
+    """``cmd`` in its own guarded process group, its output logged: (output, status, timed out).
+
+    Raises :class:`ServerLost` (after stopping the group) when the Prefect server has not
+    answered for ``API_LOST_S`` seconds.
+    """
+    proc = subprocess.Popen(guarded(cmd), cwd=root, env=env or subprocess_env(), text=True,
+                            bufsize=1, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     lines: list[str] = []
 
@@ -235,20 +225,36 @@ def repro_single(root: Path, name: str, timeout_s: float | None, force: bool,
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            log.info("%s | %s", name, line.rstrip())
+            log.info("%s | %s", label, line.rstrip())
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     timed_out = False
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    api, last_seen = _api_url(), time.monotonic()
     try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        log.error("stage '%s' ran past its %s s timeout: killing its process group", name,
-                  timeout_s)
-        kill_group(proc, KILL_GRACE_S)
-    except BaseException:  # the flow itself is cancelled: take the stage down with it
-        kill_group(proc, KILL_GRACE_S)
+        while proc.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                timed_out = True
+                log.error("'%s' ran past its %s s timeout: killing its process group", label,
+                          timeout_s)
+                kill_group(proc)
+                break
+            wait_s = API_CHECK_S if deadline is None else min(API_CHECK_S,
+                                                              deadline - time.monotonic())
+            try:
+                proc.wait(timeout=max(wait_s, 0.01))
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if api and api_reachable(api):
+                last_seen = time.monotonic()
+            elif api and time.monotonic() - last_seen > API_LOST_S:
+                kill_group(proc)
+                raise ServerLost(f"lost the Prefect server at {api} for {API_LOST_S:.0f} s; "
+                                 f"stopped '{label}' before it finished")
+    except BaseException:  # the flow itself is cancelled or lost: take the stage down with it
+        kill_group(proc)
         raise
     reader.join(timeout=5)
     return "".join(lines), proc.returncode, timed_out
@@ -269,16 +275,18 @@ def run_stage(name: str, root: str, timeout_s: float | None = None, force: bool 
     """Reproduce exactly one DVC stage; report whether it ran or was up to date, and its seconds."""
     log = get_run_logger()
     start = time.perf_counter()
-    if not force and not stage_changed(root, name):
+    if not force and not dvc.stage_changed(root, name):
         seconds = round(time.perf_counter() - start, 3)
         log.info("stage '%s' is up to date (%.2f s)", name, seconds)
         return {"stage": name, "status": "up to date", "seconds": seconds}
-    forget_repo(root)  # DVC in the subprocess changes dvc.lock and the outputs
-    output, returncode, timed_out = repro_single(Path(root), name, timeout_s, force, log)
+    dvc.forget(root)  # DVC in the subprocess changes dvc.lock and the outputs
+    cmd = dvc_command("repro", "--single-item", name, *(["--force"] if force else []))
+    output, returncode, timed_out = run_guarded(cmd, Path(root), name, timeout_s, log)
     seconds = round(time.perf_counter() - start, 3)
-    if timed_out or returncode != 0:
-        message = (f"timed out after {timeout_s} s (process group killed)" if timed_out
-                   else error_message(output, returncode))
+    failure = dvc_failure(output, returncode)
+    if timed_out or failure:
+        message = f"timed out after {timeout_s} s (process group killed)" if timed_out \
+            else str(failure)
         stages = tuple(retry_stages) if retry_stages is not None else DEFAULT_RETRY_STAGES
         status = command_status(output, returncode)
         raise StageFailed(name, message, status,
@@ -290,52 +298,20 @@ def run_stage(name: str, root: str, timeout_s: float | None = None, force: bool 
 
 # ---------------------------------------------------------------------------- artifacts
 
-def flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
-    """Nested dicts as ("a.b.c", leaf) pairs, the way DVC names params and metrics."""
-    if isinstance(value, dict):
-        out: list[tuple[str, Any]] = []
-        for key, sub in value.items():
-            out.extend(flatten(f"{prefix}.{key}" if prefix else str(key), sub))
-        return out
-    return [(prefix, value)]
-
-
-def metrics_rows(root: str | Path) -> list[dict[str, Any]]:
-    """The workspace's scalar metrics as rows {file, metric, value} (``dvc metrics show``)."""
-    with _in_dir(root):  # DVC names files relative to the cwd
-        shown = _repo(root).metrics.show()
-    rows = []
-    for file, entry in sorted(shown.get("", {}).get("data", {}).items()):
-        for metric, value in flatten("", entry.get("data", {})):
-            if isinstance(value, (int, float, str, bool)) or value is None:
-                rows.append({"file": file, "metric": metric, "value": value})
-    return rows
-
-
-def diff_markdown(root: str | Path, rev: str = "HEAD") -> str:
-    """Markdown of ``dvc metrics diff`` and ``dvc params diff``: the workspace against ``rev``."""
-    repo = _repo(root)
-    try:
-        with _in_dir(root):
-            # both answer {"diff": {file: {key: {"old", "new", ["diff"]}}}}
-            metrics = repo.metrics.diff(a_rev=rev).get("diff", {})
-            params = repo.params.diff(a_rev=rev).get("diff", {})
-    except Exception as exc:  # e.g. a repo without commits yet
-        return f"No diff against `{rev}`: {exc}"
+def diff_markdown(metrics: list[DiffRow], params: list[DiffRow], rev: str = "HEAD") -> str:
+    """Markdown of the metrics and params that differ between ``rev`` and the workspace."""
     parts = [f"## Changes against `{rev}`", ""]
-    for title, diff, cols in (("Metrics", metrics, ("old", "new", "diff")),
+    for title, rows, cols in (("Metrics", metrics, ("old", "new", "diff")),
                               ("Params", params, ("old", "new"))):
         parts.append(f"### {title}")
-        rows = [(file, key, change) for file, keys in sorted(diff.items())
-                for key, change in sorted(keys.items())]
         if not rows:
             parts += ["", "No changes.", ""]
             continue
         parts += ["", "| file | key | " + " | ".join(cols) + " |",
                   "|---|---|" + "---|" * len(cols)]
-        for file, key, change in rows:
-            cells = " | ".join(_cell(change.get(col)) for col in cols)
-            parts.append(f"| {file} | {key} | {cells} |")
+        for row in rows:
+            cells = " | ".join(_cell(row[col]) for col in cols)  # type: ignore[literal-required]
+            parts.append(f"| {row['file']} | {row['key']} | {cells} |")
         parts.append("")
     return "\n".join(parts)
 
@@ -346,53 +322,105 @@ def _cell(value: Any) -> str:
     return "—" if value is None else str(value).replace("|", "\\|")
 
 
-def publish_artifacts(root: Path, summary: list[dict[str, Any]]) -> None:
+def publish_artifacts(root: Path, summary: list[dict[str, Any]], rev: str = "HEAD") -> None:
     """Stage summary, metrics table and diff vs the last commit, as Prefect artifacts."""
     create_table_artifact(table=summary, key="convflow-stages",
                           description="Stages of this run: ran / up to date / failed, seconds")
-    rows = metrics_rows(root)
+    rows = dvc.metrics_rows(root)
     if rows:
-        create_table_artifact(table=rows, key="convflow-metrics",
+        create_table_artifact(table=list(rows), key="convflow-metrics",
                               description="Current metrics (dvc metrics show)")
-    create_markdown_artifact(markdown=diff_markdown(root), key="convflow-diff",
+    try:
+        markdown = diff_markdown(dvc.metrics_diff(root, rev), dvc.params_diff(root, rev), rev)
+    except dvc.DvcError as exc:  # e.g. a repository without commits yet
+        markdown = f"No diff against `{rev}`: {exc}"
+    create_markdown_artifact(markdown=markdown, key="convflow-diff",
                              description="Metrics and params against the last commit")
 
 
 # ---------------------------------------------------------------------------- push / commit
 
-def dvc_push(root: Path) -> None:
-    """``dvc push`` to the default remote."""
-    subprocess.run([sys.executable, "-m", "dvc", "push"], cwd=root, env=subprocess_env(),
-                   check=True)
+def dvc_push(root: Path, log: Any, timeout_s: float | None = None) -> None:
+    """``dvc push`` to the default remote; a failed transfer raises ``StageFailed('push')``."""
+    output, status, timed_out = run_guarded(dvc_command("push"), root, "push", timeout_s, log)
+    failure = f"timed out after {timeout_s} s" if timed_out else dvc_failure(output, status)
+    if failure:
+        raise StageFailed("dvc push", failure, status, False, kind="step")
 
 
 def commit_results(root: Path, message: str) -> bool:
     """Commit dvc.lock, params files and uncached metrics/plots; False if nothing changed."""
-    from dvc.dependency import ParamsDependency
-    from dvc.repo import Repo
-
-    paths = {"dvc.lock"}
-    with Repo(str(root)) as repo:
-        for stage in repo.index.stages:
-            for dep in stage.deps:
-                if isinstance(dep, ParamsDependency):
-                    paths.add(os.path.relpath(dep.fs_path, root))
-            for out in stage.outs:
-                if (out.metric or out.plot) and not out.use_cache:
-                    paths.add(os.path.relpath(out.fs_path, root))
-    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
-                             cwd=root, capture_output=True, text=True, check=True).stdout
-    # DVC adds each output to a .gitignore beside it: commit those too, or the tree stays dirty
-    paths |= {line[3:] for line in changed.splitlines() if line[3:].endswith(".gitignore")}
-    paths = {p for p in paths if (root / p).exists()}
-    subprocess.run(["git", "add", "--", *sorted(paths)], cwd=root, check=True)
-    staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", *sorted(paths)],
-                            cwd=root)
+    paths = dvc.committed_files(root)
+    subprocess.run(["git", "add", "--", *paths], cwd=root, check=True)
+    staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", *paths], cwd=root)
     if staged.returncode == 0:
         return False
-    subprocess.run(["git", "commit", "-q", "-m", message, "--", *sorted(paths)], cwd=root,
-                   check=True)
+    subprocess.run(["git", "commit", "-q", "-m", message, "--", *paths], cwd=root, check=True)
     return True
+
+
+# ---------------------------------------------------------------------------- crashed runs
+
+#: The Prefect automation that marks a run CRASHED once its heartbeats stop.
+CRASH_AUTOMATION = "convflow: crash flow runs whose heartbeats stopped"
+#: The tag of the runs it watches: those started by ``python -m flows``, which sets the
+#: heartbeat period the automation expects (runs started otherwise keep Prefect's 180 s).
+WATCHED_TAG = "convflow-watched"
+
+
+def ensure_crash_detection() -> None:
+    """Have the Prefect server mark a flow run CRASHED when its heartbeats stop.
+
+    Prefect's own answer to "zombie" runs: every flow run sends a heartbeat event each
+    ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` seconds; this automation changes a run tagged
+    ``WATCHED_TAG`` whose next heartbeat (or end) does not come within two periods to
+    CRASHED. So a run whose process was killed, or that lost the server, does not stay
+    RUNNING: the server marks it as soon as it is up and the period has passed. Created
+    once per server, replaced if the period changed.
+    """
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+    from prefect.settings import get_current_settings
+
+    every = get_current_settings().flows.heartbeat_frequency
+    if not every or not _api_url():
+        return  # heartbeats off, or a temporary server that ends with this process
+    trigger = EventTrigger(
+        after={"prefect.flow-run.heartbeat"},
+        expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed"},
+        match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+        match_related=ResourceSpecification({"prefect.resource.id": f"prefect.tag.{WATCHED_TAG}",
+                                             "prefect.resource.role": "tag"}),
+        for_each={"prefect.resource.id"},
+        posture=Posture.Proactive,
+        threshold=1,
+        within=timedelta(seconds=2 * max(every, 30) + 10),
+    )
+    try:
+        existing = Automation.read(name=CRASH_AUTOMATION)
+    except ValueError:
+        existing = None
+    if existing is not None:
+        old = existing.trigger
+        if (getattr(old, "within", None) == trigger.within
+                and getattr(old, "match_related", None) == trigger.match_related):
+            return
+        existing.delete()
+    Automation(
+        name=CRASH_AUTOMATION,
+        description="Marks a flow run CRASHED when its heartbeats stop (convflow)",
+        trigger=trigger,
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message="no heartbeat: the flow process or its server "
+                                            "went away")],
+    ).create()
 
 
 # ---------------------------------------------------------------------------- the flow
@@ -406,8 +434,8 @@ def pipeline(root: str | None = None, force: bool = False, timeout_s: float | No
     from prefect.runtime import flow_run
 
     log = get_run_logger()
+    # no chdir: DVC and the stages run with cwd=root, and the caller's cwd stays its own
     repo_root = resolve_root(root)
-    os.chdir(repo_root)  # stages and DVC resolve paths from the root, whoever started us
     log.info("repository root: %s", repo_root)
     retry_stages = list(DEFAULT_RETRY_STAGES if retry_stages is None else retry_stages)
     stage_task = run_stage.with_options(
@@ -415,12 +443,12 @@ def pipeline(root: str | None = None, force: bool = False, timeout_s: float | No
         retry_delay_seconds=exponential_backoff(backoff_factor=retry_delay_s) if retries else 0,
         retry_jitter_factor=0.2 if retries else None,
     )
-    forget_repo(repo_root)  # read dvc.yaml afresh on every run
+    dvc.forget(repo_root)  # read dvc.yaml afresh on every run
     nodes = stage_graph(repo_root)
     log.info("stages in DVC order: %s", ", ".join(n.name for n in nodes))
 
     summary: list[dict[str, Any]] = []
-    failed: dict[str, str] = {}
+    failed: dict[str, StageFailed] = {}
     for node in nodes:
         blocked = sorted(node.upstream & failed.keys())
         if blocked:
@@ -436,24 +464,25 @@ def pipeline(root: str | None = None, force: bool = False, timeout_s: float | No
             continue
         try:
             state.result()
-            message = state.message or "failed"
+            error = StageFailed(node.name, state.message or "failed", None, False)
         except StageFailed as exc:
-            message = exc.message
+            error = exc
+        except ServerLost:
+            raise  # nothing more can be recorded: end the run now
         except Exception as exc:
-            message = f"{type(exc).__name__}: {exc}"
-        failed[node.name] = message
+            error = StageFailed(node.name, f"{type(exc).__name__}: {exc}", None, False)
+        failed[node.name] = error
         summary.append({"stage": node.name, "status": "failed", "seconds": None,
-                        "error": message})
+                        "error": error.message})
 
     try:
         publish_artifacts(repo_root, summary)
     finally:
-        forget_repo(repo_root)
+        dvc.forget(repo_root)
     if failed:
-        name, message = next(iter(failed.items()))
-        raise StageFailed(name, message, None, False)
+        raise next(iter(failed.values()))
     if push:
-        dvc_push(repo_root)
+        dvc_push(repo_root, log, timeout_s)
     if commit:
         run_name = flow_run.name or "manual"
         if commit_results(repo_root, f"convflow: pipeline run {run_name} ({flow_run.id})"):

@@ -9,13 +9,13 @@ default a run that would overlap waits for the running one and then starts (ENQU
 
 from __future__ import annotations
 
-import os
+from contextlib import chdir
 from typing import Any
 
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.types.entrypoint import EntrypointType
 
-from flows.pipeline import pipeline, resolve_root
+from flows.pipeline import WATCHED_TAG, pipeline, resolve_root
 
 COLLISION = {"enqueue": ConcurrencyLimitStrategy.ENQUEUE,
              "cancel": ConcurrencyLimitStrategy.CANCEL_NEW}
@@ -27,16 +27,18 @@ def serve_pipeline(root: str | None = None, cron: str | None = None,
                    name: str = DEPLOYMENT, parameters: dict[str, Any] | None = None) -> None:
     """Serve ``pipeline`` on ``cron`` or every ``interval`` seconds, at most one run at a time."""
     repo_root = resolve_root(root)
-    os.chdir(repo_root)  # the runner starts each flow run from here
-    pipeline.serve(
-        name=name,
-        cron=cron,
-        interval=interval,
-        # a deployment-wide limit enforced by the server, so it also holds across restarts
-        # and several `serve` processes; the runner itself takes whatever the server releases
-        global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=COLLISION[collision]),
-        parameters={"root": str(repo_root), **(parameters or {})},
-        tags=["convflow"],
-        # import by module (the package is installed), not by a file path relative to cwd
-        entrypoint_type=EntrypointType.MODULE_PATH,
-    )
+    # the runner starts each flow run from the cwd (its `flows` package first on sys.path):
+    # serve from the checkout being run, and give the caller its own cwd back afterwards
+    with chdir(repo_root):
+        pipeline.serve(
+            name=name,
+            cron=cron,
+            interval=interval,
+            # a deployment-wide limit enforced by the server, so it also holds across restarts
+            # and several `serve` processes; the runner itself takes whatever the server releases
+            global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=COLLISION[collision]),
+            parameters={"root": str(repo_root), **(parameters or {})},
+            tags=["convflow", WATCHED_TAG],  # its runs are watched for missing heartbeats
+            # import by module (the package is installed), not by a file path relative to cwd
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )

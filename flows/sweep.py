@@ -12,8 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,13 +21,24 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import dvc_adapter as dvc
+from flows.dvc_adapter import dvc_command
 from flows.pipeline import (
-    error_message,
-    flatten,
-    kill_group,
+    ServerLost,
+    StageFailed,
+    dvc_failure,
     resolve_root,
+    run_guarded,
     subprocess_env,
 )
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity, as the stages count them), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity (macOS): every CPU
+        return max(1, os.cpu_count() or 1)
 
 
 def expand_grid(grid: dict[str, list[Any]] | list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -63,56 +72,24 @@ def run_experiment(name: str, overrides: dict[str, Any], root: str,
     fighting over them.
     """
     log = get_run_logger()
-    cmd = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", name,
-           *set_args(overrides)]
+    cmd = dvc_command("exp", "run", "--temp", "-n", name, *set_args(overrides))
     log.info("%s", " ".join(cmd[1:]))
     env = subprocess_env()
     if threads and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=root, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        kill_group(proc, 10.0)
-        raise RuntimeError(f"experiment '{name}' timed out after {timeout_s} s") from None
-    except BaseException:
-        kill_group(proc, 10.0)
-        raise
+    output, status, timed_out = run_guarded(cmd, Path(root), name, timeout_s, log, env=env)
     seconds = round(time.perf_counter() - start, 3)
-    for line in output.splitlines():
-        log.info("%s | %s", name, line)
-    if proc.returncode != 0:
-        raise RuntimeError(f"experiment '{name}' failed: "
-                           f"{error_message(output, proc.returncode)}")
+    failure = f"timed out after {timeout_s} s" if timed_out else dvc_failure(output, status)
+    if failure:
+        raise StageFailed(name, failure, status, False, kind="experiment")
     return {"experiment": name, **{f"-S {k}": v for k, v in overrides.items()},
             "seconds": seconds}
 
 
 def exp_show_rows(root: str | Path, names: set[str] | None = None) -> list[dict[str, Any]]:
-    """``dvc exp show --json`` as flat rows (experiment, rev, params, metrics)."""
-    out = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=root,
-                         env=subprocess_env(), capture_output=True, text=True, check=True)
-    rows = []
-    for baseline in json.loads(out.stdout):
-        for group in baseline.get("experiments") or []:
-            for rev in group.get("revs") or []:
-                if names is not None and rev.get("name") not in names:
-                    continue
-                data = rev.get("data") or {}
-                row: dict[str, Any] = {"experiment": rev.get("name"),
-                                       "rev": (rev.get("rev") or "")[:7],
-                                       "baseline": (baseline.get("rev") or "")[:7]}
-                for file, entry in (data.get("metrics") or {}).items():
-                    for key, value in flatten("", entry.get("data") or {}):
-                        row[f"{file}:{key}"] = value
-                for file, entry in (data.get("params") or {}).items():
-                    for key, value in flatten("", entry.get("data") or {}):
-                        row[f"{file}:{key}"] = value
-                rows.append(row)
-    return rows
+    """``dvc exp show`` as flat rows (experiment, rev, params, metrics); see ``dvc_adapter``."""
+    return dvc.exp_rows(root, names)
 
 
 @flow(name="convflow-sweep")
@@ -124,11 +101,10 @@ def sweep(grid: dict[str, list[Any]] | list[dict[str, Any]], root: str | None = 
 
     log = get_run_logger()
     repo_root = resolve_root(root)
-    os.chdir(repo_root)
     points = expand_grid(grid)
     prefix = name_prefix or flow_run.name or "sweep"
     names = [f"{prefix}-{i}" for i in range(1, len(points) + 1)]
-    threads = max(1, (os.cpu_count() or 1) // max(1, max_parallel))
+    threads = max(1, usable_cpus() // max(1, max_parallel))
     log.info("%d experiments, %d at a time, %d CPU thread(s) each", len(points), max_parallel,
              threads)
     with ThreadPoolTaskRunner(max_workers=max(1, max_parallel)) as runner:
@@ -140,17 +116,22 @@ def sweep(grid: dict[str, list[Any]] | list[dict[str, Any]], root: str | None = 
         for future in futures:
             future.wait()
         states = [future.state for future in futures]
-    failures = []
+    failures: list[StageFailed] = []
     for state in states:
         if not state.is_completed():
             try:
                 state.result()
+            except StageFailed as exc:
+                failures.append(exc)
+            except ServerLost:
+                raise
             except Exception as exc:
-                failures.append(str(exc))
+                failures.append(StageFailed("sweep", f"{type(exc).__name__}: {exc}", None,
+                                            False, kind="step"))
     rows = exp_show_rows(repo_root, set(names))
     if rows:
         create_table_artifact(table=rows, key="convflow-sweep",
                               description="This sweep's experiments (dvc exp show)")
     if failures:
-        raise RuntimeError("; ".join(failures))
+        raise failures[0]  # the first failure, with its status (2: a user error)
     return rows

@@ -61,6 +61,12 @@ def run_cli(main: Callable[[Sequence[str] | None], object],
     except UserError as err:
         log.error("error: %s", err)
         sys.exit(err.exit_status)
+    except MemoryError:
+        # not retryable (a retry needs the same memory), so the user-error status; the
+        # inputs are capped (docs/threat-model.md), so this is a run sized beyond the machine
+        log.error("error: out of memory; lower the sizes in params.yaml (data.synthetic.*, "
+                  "train.batch_size, evaluate.batch_size) or run where there is more memory")
+        sys.exit(USER_ERROR_EXIT)
     except KeyboardInterrupt:
         log.error("interrupted")
         sys.exit(130)

@@ -1,6 +1,6 @@
 """Stage ``evaluate``: the trained model on the held-out test split -> metrics and confusion data.
 
-Pure core: :func:`predict` (batched inference on the device), :func:`confusion_matrix`,
+Pure core: :func:`log_probs` (batched inference on the device), :func:`confusion_matrix`,
 :func:`classification_metrics`, :func:`most_confident_wrong` and :func:`evaluate`, which
 ties them together. :func:`main` only reads files and writes the outputs:
 
@@ -34,7 +34,7 @@ from torch import nn
 
 from stages.device import pick_device, set_threads
 from stages.errors import UserError, run_cli
-from stages.io import atomic_dir, atomic_file, load_split, read_json, write_json
+from stages.io import atomic_dir, atomic_file, read_processed, write_json
 from stages.models import load_model
 from stages.params import EvaluateParams, load_params
 from stages.tta import tta_accuracy
@@ -73,8 +73,8 @@ def check_compatible(meta: dict[str, Any], classes: Sequence[str], image_shape: 
 
 # ----------------------------------------------------------------------------- inference
 @torch.inference_mode()
-def predict(model: nn.Module, images: np.ndarray, batch_size: int,
-            device: torch.device | str = "cpu", tta_flip: bool = False) -> np.ndarray:
+def log_probs(model: nn.Module, images: np.ndarray, batch_size: int,
+              device: torch.device | str = "cpu", tta_flip: bool = False) -> np.ndarray:
     """Log-probabilities (N x classes, float64) for uint8 N x 3 x H x W images, in batches.
 
     The images go to the device once (uint8 is a quarter of float32) and are sliced there.
@@ -127,9 +127,10 @@ def classification_metrics(cm: np.ndarray, classes: Sequence[str]) -> dict[str, 
         "macro_recall": float(recall.mean()),
         "macro_f1": float(f1.mean()),
         "per_class": {
-            name: {"precision": float(p), "recall": float(r), "f1": float(f),
-                   "support": int(s)}
-            for name, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True)
+            name: {"precision": float(prec), "recall": float(rec), "f1": float(f),
+                   "support": int(n)}
+            for name, prec, rec, f, n in zip(classes, precision, recall, f1, support,
+                                             strict=True)
         },
     }
 
@@ -158,14 +159,10 @@ class Evaluation:
 
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, classes: Sequence[str],
              params: EvaluateParams, device: torch.device | str = "cpu") -> Evaluation:
-    """Score ``model`` on a test split: metrics, confusion matrix, per-image predictions."""
+    """Score ``model`` on a test split (checked by :func:`stages.io.check_split`): metrics,
+    confusion matrix, per-image predictions."""
     labels = np.asarray(labels, np.int64)
-    if len(images) != len(labels):
-        raise UserError(f"test split has {len(images)} images but {len(labels)} labels")
-    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-        raise UserError(f"test labels must lie in [0, {len(classes)}); found "
-                        f"{labels.min()}..{labels.max()}")
-    logp = predict(model, images, params.batch_size, device, params.tta_flip)
+    logp = log_probs(model, images, params.batch_size, device, params.tta_flip)
     if logp.shape[1] != len(classes):
         raise UserError(f"the model outputs {logp.shape[1]} scores per image but the data has "
                         f"{len(classes)} classes: retrain it on this data (dvc repro train)")
@@ -216,8 +213,8 @@ def per_class_rows(per_class: dict[str, dict[str, Any]]) -> list[dict[str, Any]]
 def confusion_rows(labels: np.ndarray, predicted: np.ndarray,
                    classes: Sequence[str]) -> list[dict[str, str]]:
     """One ``{"actual", "predicted"}`` row per image: the input of DVC's confusion template."""
-    return [{"actual": classes[a], "predicted": classes[p]}
-            for a, p in zip(labels.tolist(), predicted.tolist(), strict=True)]
+    return [{"actual": classes[a], "predicted": classes[b]}
+            for a, b in zip(labels.tolist(), predicted.tolist(), strict=True)]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -234,12 +231,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # evaluate has no device or threads param: it uses the best device and every core
     set_threads(0)
     data = Path(args.data)
-    stats = read_json(data / "stats.json")
-    classes = list(stats["classes"])
-    images, labels = load_split(data / "test.npz")
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise UserError(f"{data / 'test.npz'}: expected uint8 N x C x H x W images, got "
-                        f"{images.dtype} {images.shape}; re-run normalize")
+    stats, splits = read_processed(data, ("test",))
+    classes = stats["classes"]
+    images, labels = splits["test"]
     device = pick_device("auto", logger=log)
     model, meta = load_model(args.model, map_location=device)
     check_compatible(meta, classes, images.shape[1:], args.model, data)

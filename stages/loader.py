@@ -84,6 +84,7 @@ class TrainLoader:
             raise UserError(f"train.batch_size: {p.batch_size} does not split evenly over "
                             f"train.nproc={world} processes; use a multiple of {world}")
         self.rank, self.world, self.channels_last = rank, world, channels_last
+        self.pad, self.fill = p.augment_crop, p.crop_fill
         self.epoch = 0  # the epoch the next iteration serves
         self.base_flip = None
         if p.augment_flip and p.flip_mode == "alternating":
@@ -107,7 +108,7 @@ class TrainLoader:
             xb = augment(self.x[idx], None if flip is None else flip[lo:lo + share],
                          None if dx is None else dx[lo:lo + share],
                          None if dy is None else dy[lo:lo + share],
-                         self.p.augment_crop, self.p.crop_fill)
+                         self.pad, self.fill)
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yield xb, self.y[idx]

@@ -201,9 +201,37 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"
                         "re-run `dvc repro train` or pass the right --model") from None
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise UserError(f"{path}: not a convflow model file (format {MODEL_FORMAT} expected)")
-    norm = blob["normalization"]
-    model = build_model(blob["arch"], len(blob["classes"]), norm["mean"], norm["std"])
-    model.load_state_dict(blob["state_dict"])
+    model = _rebuild(blob, path)
     model.eval()
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
     return model.to(map_location), meta
+
+
+def _rebuild(blob: dict[str, Any], path: Path) -> nn.Module:
+    """The model a file describes; a field missing or not fitting the rest is one UserError."""
+    fix = "re-run `dvc repro -f train` or pass the right --model"
+    norm, shape = blob.get("normalization"), (blob.get("input") or {}).get("shape")
+    problem = None
+    if blob.get("arch") not in ARCHITECTURES:
+        problem = f"architecture {blob.get('arch')!r} is not one of {sorted(ARCHITECTURES)}"
+    elif not isinstance(blob.get("classes"), list) or len(blob["classes"]) < 2 \
+            or not all(isinstance(c, str) for c in blob["classes"]):
+        problem = "'classes' is not a list of at least 2 names"
+    elif not isinstance(norm, dict) or not all(
+            isinstance(norm.get(k), list) and len(norm[k]) == 3 for k in ("mean", "std")):
+        problem = "'normalization' lacks 3 mean and 3 std values"
+    elif not (isinstance(shape, list) and len(shape) == 3 and shape[0] == 3
+              and all(isinstance(v, int) and v > 0 for v in shape)):
+        problem = f"input shape {shape!r} is not [3, height, width]"
+    elif not isinstance(blob.get("state_dict"), dict):
+        problem = "it holds no weights ('state_dict')"
+    if problem:
+        raise UserError(f"{path}: {problem}; {fix}")
+    model = build_model(blob["arch"], len(blob["classes"]), norm["mean"], norm["std"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except (RuntimeError, TypeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: the weights do not fit a {blob['arch']} for "
+                        f"{len(blob['classes'])} classes ({first}); {fix}") from None
+    return model

@@ -1,8 +1,10 @@
-"""normalize: ``data/raw/`` -> ``data/processed/``: validation split, NCHW layout, statistics.
+"""normalize: ``data/raw/`` -> ``data/processed/``: a validation split and the statistics.
 
-Images stay uint8 (4x less disk and host-to-device traffic than float32); the model's first
-layer divides by 255 and standardises with the mean/std recorded here, so ``normalize.*``
-chooses the statistics recorded, not the stored dtype.
+The stage keeps its historical name, but it normalizes no pixel: it carves a stratified
+validation split and records the per-channel mean/std of the training split, which the
+model's first layer applies (divide by 255, standardise). Images stay uint8 N x 3 x 32 x 32
+as ingest wrote them (4x less disk and host-to-device traffic than float32), so
+``normalize.*`` chooses the split and the statistics recorded, not the stored data.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ from typing import Any
 import numpy as np
 
 from stages.errors import UserError, run_cli
-from stages.io import atomic_dir, load_split, read_json, remove_output, save_split, write_json
+from stages.io import (
+    atomic_dir,
+    read_raw,
+    remove_output,
+    save_split,
+    split_bytes,
+    write_json,
+)
 from stages.params import NormalizeParams, load_params
 
 log = logging.getLogger("convflow.normalize")
@@ -25,7 +34,7 @@ log = logging.getLogger("convflow.normalize")
 
 @dataclass(frozen=True)
 class Processed:
-    """The three splits (NCHW uint8) and the statistics written beside them."""
+    """The three splits (uint8 N x 3 x 32 x 32) and the statistics written beside them."""
 
     splits: dict[str, tuple[np.ndarray, np.ndarray]]
     stats: dict[str, Any]
@@ -47,15 +56,15 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int,
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std (pixel/255) of uint8 NHWC images, exact and memory-light."""
+    """Per-channel mean and std (pixel/255) of uint8 N x C x H x W images, exact and
+    memory-light."""
     if len(images) == 0:
         raise UserError("no training images left to compute statistics on")
-    flat = images.reshape(-1, images.shape[-1])
     values = np.arange(256, dtype=np.float64) / 255.0
     means, stds = [], []
-    for ch in range(flat.shape[1]):
+    for ch in range(images.shape[1]):
         # a 256-bin histogram instead of a float copy of every pixel
-        counts = np.bincount(flat[:, ch], minlength=256).astype(np.float64)
+        counts = np.bincount(images[:, ch].ravel(), minlength=256).astype(np.float64)
         total = counts.sum()
         mean = float(counts @ values / total)
         var = float(counts @ (values - mean) ** 2 / total)
@@ -64,14 +73,9 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     return means, stds
 
 
-def to_nchw(images: np.ndarray) -> np.ndarray:
-    """NHWC -> contiguous NCHW, same dtype."""
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-
-
-def normalize(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-              classes: Sequence[str], source: str, p: NormalizeParams) -> Processed:
-    """Carve a stratified validation split, record statistics, convert to NCHW."""
+def make_splits(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                classes: Sequence[str], source: str, p: NormalizeParams) -> Processed:
+    """Carve a stratified validation split and record the training split's statistics."""
     images, labels = train
     n_classes = len(classes)
     train_idx, val_idx = stratified_split(labels, p.val_fraction, p.seed, n_classes)
@@ -85,9 +89,9 @@ def normalize(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.n
     else:
         mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
     splits = {
-        "train": (to_nchw(images[train_idx]), labels[train_idx]),
-        "val": (to_nchw(images[val_idx]), labels[val_idx]),
-        "test": (to_nchw(test[0]), test[1]),
+        "train": (images[train_idx], labels[train_idx]),
+        "val": (images[val_idx], labels[val_idx]),
+        "test": test,
     }
     counts = {name: np.bincount(lab, minlength=n_classes).tolist()
               for name, (_, lab) in splits.items()}
@@ -104,29 +108,9 @@ def normalize(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.n
     return Processed(splits, stats)
 
 
-def read_raw(raw: str | Path) -> tuple[tuple[np.ndarray, np.ndarray],
-                                        tuple[np.ndarray, np.ndarray], dict[str, Any]]:
-    """Load ``data/raw`` (train, test, meta) and check it is the raw-data contract."""
-    raw = Path(raw)
-    meta = read_json(raw / "meta.json")
-    train, test = load_split(raw / "train.npz"), load_split(raw / "test.npz")
-    classes = meta.get("classes") if isinstance(meta, dict) else None
-    if not isinstance(classes, list) or not classes:
-        raise UserError(f"{raw / 'meta.json'}: no 'classes' list; re-run ingest")
-    for name, (images, labels) in (("train", train), ("test", test)):
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
-            raise UserError(f"{raw / (name + '.npz')}: images {images.dtype} {images.shape}; "
-                            "expected uint8 (N, 32, 32, 3); re-run ingest")
-        if labels.shape != (len(images),) or (len(labels) and (
-                labels.min() < 0 or labels.max() >= len(classes))):
-            raise UserError(f"{raw / (name + '.npz')}: labels do not match the images or the "
-                            f"{len(classes)} classes; re-run ingest")
-    return train, test, meta
-
-
 def write_processed(out: str | Path, result: Processed) -> None:
     """Write the splits and ``stats.json`` atomically."""
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, split_bytes(*result.splits.values())) as tmp:
         for name, (images, labels) in result.splits.items():
             save_split(tmp / f"{name}.npz", images, labels)
         write_json(tmp / "stats.json", result.stats)
@@ -140,12 +124,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     p = load_params().normalize
     try:
-        train, test, meta = read_raw(args.raw)
-        result = normalize(train, test, meta["classes"], meta.get("source", "unknown"), p)
+        meta, raw = read_raw(args.raw)
+        result = make_splits(raw["train"], raw["test"], meta["classes"],
+                             str(meta.get("source", "unknown")), p)
+        write_processed(args.out, result)
     except UserError:
         remove_output(args.out)
         raise
-    write_processed(args.out, result)
     n = result.stats["n"]
     log.info("wrote %s: train %d, val %d, test %d; mean %s std %s", args.out, n["train"],
              n["val"], n["test"], _fmt(result.stats["mean"]), _fmt(result.stats["std"]))

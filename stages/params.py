@@ -19,6 +19,16 @@ from stages.errors import UserError
 
 PARAMS_FILE = "params.yaml"
 
+# Upper bounds: far above any sane run, low enough that a typo (an extra zero or three) is
+# refused here with the accepted range, not met later as an allocator error or an overflow.
+#: Images a synthetic split may have (3 KB each: 500,000 is 1.5 GB) or an index may reach.
+MAX_IMAGES = 500_000
+#: Seeds: numpy's legacy generators and many tools take 32 bits.
+MAX_SEED = 2**32 - 1
+#: Images per batch.
+MAX_BATCH = 65_536
+
+
 class _Group(BaseModel):
     """Base for every group: unknown keys are errors, values are immutable."""
 
@@ -29,9 +39,10 @@ class _Group(BaseModel):
 class SyntheticParams(_Group):
     """Size and seed of the procedurally drawn data set."""
 
-    n_train: int = Field(10_000, gt=0, description="training images (split evenly over 10 classes)")
-    n_test: int = Field(2_000, gt=0, description="test images")
-    seed: int = Field(0, ge=0)
+    n_train: int = Field(10_000, gt=0, le=MAX_IMAGES,
+                         description="training images (split evenly over 10 classes)")
+    n_test: int = Field(2_000, gt=0, le=MAX_IMAGES, description="test images")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 OFFICIAL_CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -61,7 +72,7 @@ class NormalizeParams(_Group):
     """Validation split and recorded statistics (``normalize.*``)."""
 
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     standardize: bool = True
 
 
@@ -71,42 +82,51 @@ class TrainParams(_Group):
 
     model: str = "seed_net"
     device: str = "auto"
-    epochs: int | float = Field(10, gt=0, description="a fraction ends the last epoch early")
-    batch_size: int = Field(256, gt=0)
+    epochs: int | float = Field(10, gt=0, le=10_000,
+                                description="a fraction ends the last epoch early")
+    batch_size: int = Field(256, gt=0, le=MAX_BATCH)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(0.004, gt=0)
+    # no upper bound: no lr crashes anything, and one too large for the model is caught as
+    # a non-finite loss naming the step (the test of that uses lr 1e9)
+    lr: float = Field(0.004, gt=0, allow_inf_nan=False)
     momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
     decay_all: bool = Field(False, description="weight decay on biases and norms too")
-    bias_lr_scale: float = Field(1.0, gt=0, description="lr factor for BatchNorm biases")
+    bias_lr_scale: float = Field(1.0, gt=0, le=10_000,
+                                 description="lr factor for BatchNorm biases")
     schedule: Literal["onecycle", "cosine", "constant", "triangle"] = "onecycle"
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     augment_flip: bool = True
     flip_mode: Literal["random", "alternating"] = "random"
     augment_crop: int = Field(2, ge=0, le=16, description="random-crop padding in pixels; 0 = off")
     crop_fill: Literal["zeros", "reflect"] = "zeros"
-    whiten_bias_epochs: int | None = Field(None, ge=0, description="null = train it throughout")
+    whiten_bias_epochs: int | None = Field(None, ge=0, le=10_000,
+                                           description="null = train it throughout")
     lookahead: bool = False
-    lookahead_start: int = Field(3, ge=0, description="first epoch (0-based) of lookahead")
-    lookahead_every: int = Field(5, gt=0, description="steps between lookahead updates")
+    lookahead_start: int = Field(3, ge=0, le=10_000,
+                                 description="first epoch (0-based) of lookahead")
+    lookahead_every: int = Field(5, gt=0, le=1_000_000,
+                                 description="steps between lookahead updates")
     lookahead_decay: float = Field(0.95, gt=0, lt=1)
-    lookahead_power: float = Field(3.0, ge=0)
+    lookahead_power: float = Field(3.0, ge=0, le=100)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] | bool = "auto"
     compile: Literal["auto", "on", "off"] | bool = "auto"
-    threads: int = Field(0, ge=0, description="CPU threads; 0 = auto")
-    seed: int = Field(0, ge=0)
-    nproc: int = Field(1, gt=0, description="processes (DDP) on this machine")
-    log_every: int = Field(10, gt=0, description="steps between loss-history points")
+    threads: int = Field(0, ge=0, le=1024, description="CPU threads; 0 = auto")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    nproc: int = Field(1, gt=0, le=64, description="processes (DDP) on this machine")
+    log_every: int = Field(10, gt=0, le=1_000_000,
+                           description="steps between loss-history points")
 
 
 # ---------------------------------------------------------------------- evaluate
 class EvaluateParams(_Group):
     """Test-set evaluation (``evaluate.*``)."""
 
-    batch_size: int = Field(1000, gt=0)
+    batch_size: int = Field(1000, gt=0, le=MAX_BATCH)
     tta_flip: bool = False
-    n_wrong: int = Field(16, ge=0, description="most confidently wrong images kept for plots")
+    n_wrong: int = Field(16, ge=0, le=256,
+                         description="most confidently wrong images kept for plots")
 
 
 # ---------------------------------------------------------------------- plot
@@ -115,7 +135,8 @@ class PlotParams(_Group):
 
     dpi: int = Field(120, gt=0, le=600)
     n_images: int = Field(10, gt=0, le=64)
-    kernel_image: int = Field(0, ge=0, description="test image used in the kernel demo")
+    kernel_image: int = Field(0, ge=0, le=MAX_IMAGES,
+                              description="test image used in the kernel demo")
 
 
 class Params(_Group):
@@ -144,6 +165,30 @@ def _accepted(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return sorted(model.model_fields)
 
 
+def accepted_range(loc: tuple[Any, ...]) -> str:
+    """The bounds of the numeric field at ``loc``, e.g. ``1 <= x <= 10000`` ('' if none)."""
+    model: type[BaseModel] = Params
+    field = None
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+    low = high = ""
+    for bound in getattr(field, "metadata", []):
+        for attr, side in (("gt", "<"), ("ge", "<=")):
+            if getattr(bound, attr, None) is not None:
+                low = f"{getattr(bound, attr)} {side} "
+        for attr, side in (("lt", "<"), ("le", "<=")):
+            if getattr(bound, attr, None) is not None:
+                high = f" {side} {getattr(bound, attr)}"
+    return f"{low}x{high}" if low or high else ""
+
+
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal",
+                 "finite_number")
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     """One line per problem, each naming the dotted field and what it accepts."""
     lines = []
@@ -161,7 +206,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{source}: {name}: {e['msg']}{shown}")
+            bounds = accepted_range(loc) if e["type"] in _RANGE_ERRORS else ""
+            accepts = f"; accepted: {bounds}" if bounds else ""
+            lines.append(f"{source}: {name}: {e['msg']}{shown}{accepts}")
     return "invalid parameters:\n  " + "\n  ".join(lines)
 
 
@@ -178,6 +225,21 @@ def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
         raise UserError(format_validation_error(err, source)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (as DVC says):
+    plain YAML keeps the last silently, so the run would use a value the user did not see."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     """Read and validate ``params.yaml`` (or another file)."""
     path = Path(path)
@@ -187,7 +249,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raise UserError(f"{path}: parameters file not found; run from the repository root "
                         "or pass its path") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -2,14 +2,15 @@
 
 The figures themselves are pure functions in :mod:`stages.figures`; :func:`make_figures`
 turns loaded inputs into named figures and :func:`main` reads the inputs and writes the
-PNGs atomically. The folder is declared in ``dvc.yaml`` as a DVC image plot (DVC-cached,
+PNGs atomically. The confusion matrix is the one evaluate wrote (``metrics/confusion.json``),
+so this stage needs no evaluation code; torch is only imported to read the model's filters.
+The folder is declared in ``dvc.yaml`` as a DVC image plot (DVC-cached,
 so no image derived from the user's data ends up in git).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,15 +20,15 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from stages import figures as F
+from stages import figures
 from stages.errors import UserError, run_cli
-from stages.evaluate import confusion_matrix
-from stages.io import atomic_dir, load_split, read_json
-from stages.models import first_layer_title, load_model
+from stages.io import atomic_dir, load_arrays, read_json, read_processed, read_raw
 from stages.params import PlotParams, load_params
 
 log = logging.getLogger("convflow.plot")
 
+TRAIN_FIX = "re-run train: dvc repro -f train"
+EVALUATE_FIX = "re-run evaluate: dvc repro -f evaluate"
 #: Where train's dvclive logs put the series the plots read (see dvc.yaml's train stage).
 LOSS_HISTORY = "plots/custom/loss_history.json"
 ACCURACY_SERIES = {"train": "plots/metrics/train/acc.tsv",
@@ -39,11 +40,12 @@ class PlotInputs:
     """Everything the figures are drawn from, already loaded."""
 
     classes: list[str]
-    train_images: np.ndarray  # first training images, N x H x W x 3 uint8 (raw order)
+    train_images: np.ndarray  # first training images, N x 3 x H x W uint8 (raw order)
     train_labels: np.ndarray
     test_images: np.ndarray  # test split, N x 3 x H x W uint8 (evaluate's order)
     test_labels: np.ndarray
     predicted: np.ndarray  # evaluate's prediction for every test image
+    confusion: np.ndarray  # evaluate's confusion matrix, rows true class, columns predicted
     wrong: list[dict[str, Any]]  # evaluate's most confidently wrong images
     loss_history: tuple[list[float], list[float]]  # iterations, losses
     accuracy: dict[str, tuple[list[float], list[float]]]  # split -> epochs, accuracy
@@ -52,7 +54,7 @@ class PlotInputs:
 
 
 def nhwc(images: np.ndarray) -> np.ndarray:
-    """N x C x H x W -> N x H x W x C (for display)."""
+    """N x C x H x W -> N x H x W x C: matplotlib's order, used only to draw."""
     return np.ascontiguousarray(np.asarray(images).transpose(0, 2, 3, 1))
 
 
@@ -68,22 +70,22 @@ def make_figures(inp: PlotInputs, p: PlotParams) -> dict[str, Figure]:
         else np.zeros((0, 32, 32, 3), np.uint8)
     k = p.kernel_image
     return {
-        "loss_history": F.loss_history_figure(*inp.loss_history, p.dpi),
-        "accuracy": F.accuracy_figure(inp.accuracy, p.dpi),
-        "train_images": F.image_strip_figure(
-            inp.train_images[:p.n_images], [names[i] for i in inp.train_labels[:p.n_images]],
+        "loss_history": figures.loss_history_figure(*inp.loss_history, p.dpi),
+        "accuracy": figures.accuracy_figure(inp.accuracy, p.dpi),
+        "train_images": figures.image_strip_figure(
+            nhwc(inp.train_images[:p.n_images]),
+            [names[i] for i in inp.train_labels[:p.n_images]],
             f"First {min(p.n_images, len(inp.train_images))} training images", p.dpi),
-        "test_predictions": F.image_strip_figure(
+        "test_predictions": figures.image_strip_figure(
             first_test, [names[i] for i in inp.predicted[:n]],
             f"First {n} test images: predicted class (red ✗ = wrong)", p.dpi,
             true_labels=[names[i] for i in inp.test_labels[:n]]),
-        "kernels": F.kernel_demo_figure(nhwc(inp.test_images[k:k + 1])[0], p.dpi,
-                                        f"test image {k}: {names[inp.test_labels[k]]}"),
-        "max_pooling": F.max_pooling_figure(p.dpi),
-        "confusion_matrix": F.confusion_figure(
-            confusion_matrix(inp.test_labels, inp.predicted, len(names)), names, p.dpi),
-        "filters": F.filters_figure(inp.first_filters, p.dpi, inp.filters_title),
-        "most_confident_wrong": F.wrong_grid_figure(wrong_images, inp.wrong, names, p.dpi),
+        "kernels": figures.kernel_demo_figure(nhwc(inp.test_images[k:k + 1])[0], p.dpi,
+                                              f"test image {k}: {names[inp.test_labels[k]]}"),
+        "max_pooling": figures.max_pooling_figure(p.dpi),
+        "confusion_matrix": figures.confusion_figure(inp.confusion, names, p.dpi),
+        "filters": figures.filters_figure(inp.first_filters, p.dpi, inp.filters_title),
+        "most_confident_wrong": figures.wrong_grid_figure(wrong_images, inp.wrong, names, p.dpi),
     }
 
 
@@ -107,10 +109,24 @@ def read_loss_history(path: Path) -> tuple[list[float], list[float]]:
     """The per-iteration loss rows train logged with ``live.log_plot("loss_history", ...)``."""
     if not path.is_file():
         raise UserError(f"{path}: missing; run the train stage first (dvc repro train)")
-    rows = json.loads(path.read_text(encoding="utf-8"))
-    if not rows or not all("iteration" in r and "loss" in r for r in rows):
-        raise UserError(f"{path}: expected a list of {{'iteration', 'loss'}} rows")
-    return [float(r["iteration"]) for r in rows], [float(r["loss"]) for r in rows]
+    rows = read_json(path, TRAIN_FIX)
+    try:
+        return [float(r["iteration"]) for r in rows], [float(r["loss"]) for r in rows]
+    except (TypeError, KeyError, ValueError):
+        pass
+    raise UserError(f"{path}: expected a list of {{'iteration', 'loss'}} rows; {TRAIN_FIX}")
+
+
+def read_confusion(path: Path, classes: list[str]) -> np.ndarray:
+    """The confusion matrix evaluate wrote, checked against the data's classes."""
+    blob = read_json(path, EVALUATE_FIX)
+    matrix = np.asarray(blob.get("matrix") if isinstance(blob, dict) else None, dtype=object)
+    k = len(classes)
+    if not isinstance(blob, dict) or blob.get("classes") != classes or matrix.shape != (k, k) \
+            or not all(isinstance(v, int) and v >= 0 for v in matrix.ravel()):
+        raise UserError(f"{path}: expected a {k} x {k} matrix of counts for the classes "
+                        f"{classes}; {EVALUATE_FIX}")
+    return matrix.astype(np.int64)
 
 
 def first_conv_weights(model: Any) -> np.ndarray:
@@ -123,47 +139,73 @@ def first_conv_weights(model: Any) -> np.ndarray:
     raise UserError("the model has no convolution layer whose filters could be drawn")
 
 
-def load_inputs(data: Path, raw: Path, model_path: Path, eval_dir: Path, live: Path,
-                n_train: int) -> PlotInputs:
+def read_predictions(path: Path, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """evaluate's predicted class per test image, checked against the test split."""
+    arrays = load_arrays(path, ("labels", "predicted"), EVALUATE_FIX)
+    predicted = arrays["predicted"]
+    if not np.array_equal(arrays["labels"], labels) or predicted.shape != labels.shape \
+            or not np.issubdtype(predicted.dtype, np.integer) \
+            or (len(predicted) and not 0 <= predicted.min() <= predicted.max() < n_classes):
+        raise UserError(f"{path} does not match the test split ({len(labels)} images, "
+                        f"{n_classes} classes); {EVALUATE_FIX}")
+    return predicted
+
+
+def read_wrong(path: Path, n_test: int) -> list[dict[str, Any]]:
+    """evaluate's most confidently wrong images, checked against the test split."""
+    rows = read_json(path, EVALUATE_FIX)
+    keys = ("index", "actual", "predicted", "confidence")
+    if not isinstance(rows, list) or not all(
+            isinstance(r, dict) and all(k in r for k in keys)
+            and isinstance(r["index"], int) and 0 <= r["index"] < n_test for r in rows):
+        raise UserError(f"{path}: expected rows of {', '.join(keys)} for the {n_test} test "
+                        f"images; {EVALUATE_FIX}")
+    return rows
+
+
+def load_inputs(data: Path, raw: Path, model_path: Path, eval_dir: Path, metrics: Path,
+                live: Path, n_train: int) -> PlotInputs:
     """Read what the figures need from the pipeline's files."""
-    stats = read_json(data / "stats.json")
-    train_images, train_labels = load_split(raw / "train.npz")
-    test_images, test_labels = load_split(data / "test.npz")
-    eval_npz = eval_dir / "predictions.npz"
-    if not eval_npz.is_file():
-        raise UserError(f"{eval_npz}: missing; run the evaluate stage first (dvc repro evaluate)")
-    with np.load(eval_npz, allow_pickle=False) as npz:
-        predicted = npz["predicted"]
-        if not np.array_equal(npz["labels"], test_labels):
-            raise UserError(f"{eval_npz} does not match {data / 'test.npz'}: "
-                            "re-run evaluate (dvc repro evaluate)")
+    # torch: only for the model's first-layer filters
+    from stages.models import first_layer_title, load_model
+
+    stats, processed = read_processed(data, ("test",))
+    _, raw_splits = read_raw(raw, ("train",))
+    train_images, train_labels = raw_splits["train"]
+    test_images, test_labels = processed["test"]
+    classes = stats["classes"]
     model, _ = load_model(model_path)
     accuracy = {name: read_series(live / rel, "acc") for name, rel in ACCURACY_SERIES.items()
                 if name == "train" or (live / rel).is_file()}  # no val series when val is empty
     return PlotInputs(
-        classes=list(stats["classes"]),
+        classes=classes,
         train_images=train_images[:n_train], train_labels=train_labels[:n_train],
         test_images=test_images, test_labels=test_labels,
-        predicted=predicted, wrong=read_json(eval_dir / "wrong.json"),
+        predicted=read_predictions(eval_dir / "predictions.npz", test_labels, len(classes)),
+        confusion=read_confusion(metrics / "confusion.json", classes),
+        wrong=read_wrong(eval_dir / "wrong.json", len(test_labels)),
         loss_history=read_loss_history(live / LOSS_HISTORY), accuracy=accuracy,
         first_filters=first_conv_weights(model), filters_title=first_layer_title(model),
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m stages.plot --data D --raw D --model F --eval D --live D --out D``."""
+    """``python -m stages.plot --data D --raw D --model F --eval D --metrics D --live D
+    --out D``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="processed data folder")
     parser.add_argument("--raw", required=True, help="raw data folder (training images)")
     parser.add_argument("--model", required=True, help="model file (first-layer filters)")
     parser.add_argument("--eval", required=True, help="evaluate's per-image results folder")
+    parser.add_argument("--metrics", required=True,
+                        help="evaluate's metrics folder (confusion.json)")
     parser.add_argument("--live", required=True, help="train's dvclive folder")
     parser.add_argument("--out", required=True, help="folder for the PNG figures")
     args = parser.parse_args(argv)
     p = load_params().plot
 
     inputs = load_inputs(Path(args.data), Path(args.raw), Path(args.model), Path(args.eval),
-                         Path(args.live), p.n_images)
+                         Path(args.metrics), Path(args.live), p.n_images)
     figs = make_figures(inputs, p)
     with atomic_dir(args.out) as out:
         for name, fig in figs.items():

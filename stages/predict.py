@@ -1,8 +1,9 @@
 """Classify image files with the trained model: ``python -m stages.predict IMAGE...``.
 
-Any PNG/JPEG (any size, grey, RGBA or RGB) is converted to RGB and resized to the model's
-input size, then given to the model as raw uint8, exactly as in training. Prints, per
-image, the top classes with their probabilities.
+Any PNG/JPEG (any size, grey, RGBA or RGB) is read by ingest's own image reader
+(:func:`stages.sources.images.decode_image`: the same caps, the same resize), then given to
+the model as raw uint8, exactly as in training. Prints, per image, the top classes with
+their probabilities.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from stages.errors import UserError, run_cli
 from stages.models import load_model
 from stages.paths import pipeline_paths
+from stages.sources.images import decode_image
+from stages.sources.safety import max_file_bytes, too_big
 
 log = logging.getLogger("convflow.predict")
 
@@ -27,22 +29,20 @@ def load_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     """An image file as uint8 3 x H x W at ``size`` (height, width)."""
     path = Path(path)
     try:
-        with Image.open(path, formats=("PNG", "JPEG")) as img:
-            img = img.convert("RGB")
-            if img.size != (size[1], size[0]):
-                # LANCZOS averages when shrinking, so a large photo does not alias
-                img = img.resize((size[1], size[0]), Image.Resampling.LANCZOS)
-            arr = np.asarray(img, dtype=np.uint8)
+        if path.stat().st_size > max_file_bytes():
+            raise too_big(str(path), path.stat().st_size, max_file_bytes(),
+                          "CONVFLOW_MAX_FILE_MB")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-        raise UserError(f"{path}: not a readable PNG/JPEG image ({err})") from None
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+    return decode_image(data, str(path), size)[0]
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, images: np.ndarray, classes: Sequence[str],
-            top: int = 3) -> list[list[tuple[str, float]]]:
+def top_classes(model: torch.nn.Module, images: np.ndarray, classes: Sequence[str],
+                top: int = 3) -> list[list[tuple[str, float]]]:
     """Top ``top`` (class, probability) pairs for each uint8 N x 3 x H x W image."""
     probs = torch.softmax(model(torch.from_numpy(images)).float(), dim=1)
     k = min(top, probs.shape[1])
@@ -63,8 +63,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     model_path = Path(args.model) if args.model else pipeline_paths()["model"]
     model, meta = load_model(model_path)
     _, h, w = meta["input"]["shape"]
-    batch = np.stack([load_image(p, (h, w)) for p in args.images])
-    for path, ranked in zip(args.images, predict(model, batch, meta["classes"], args.top),
+    batch = np.stack([load_image(path, (h, w)) for path in args.images])
+    for path, ranked in zip(args.images, top_classes(model, batch, meta["classes"], args.top),
                             strict=True):
         print(f"{path}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in ranked))
 

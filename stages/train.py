@@ -34,7 +34,7 @@ from torch import nn
 from stages.device import Settings, autocast, pick_device, resolve_settings, set_threads
 from stages.errors import UserError, run_cli
 from stages.fingerprint import code_fingerprint, data_fingerprint, run_fingerprint
-from stages.io import atomic_file, load_split, read_json, remove_output
+from stages.io import atomic_file, read_processed, remove_output
 from stages.loader import TrainLoader
 from stages.models import build_model, save_model
 from stages.params import TrainParams, load_params
@@ -71,18 +71,11 @@ class Dataset:
 
 def load_processed(folder: str | Path) -> Dataset:
     """Read ``train.npz``, ``val.npz`` and ``stats.json`` written by the normalize stage."""
-    folder = Path(folder)
-    train_x, train_y = load_split(folder / "train.npz")
-    val_x, val_y = load_split(folder / "val.npz")
-    stats = read_json(folder / "stats.json")
-    for name, x in (("train", train_x), ("val", val_x)):
-        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1] != 3:
-            raise UserError(f"{folder / (name + '.npz')}: images must be uint8 N x 3 x H x W, "
-                            f"got {x.dtype} {x.shape}; re-run `dvc repro normalize`")
+    stats, splits = read_processed(folder, ("train", "val"))
+    (train_x, train_y), (val_x, val_y) = splits["train"], splits["val"]
     if len(train_x) == 0:
-        raise UserError(f"{folder / 'train.npz'}: no training images")
-    return Dataset(train_x, train_y, val_x, val_y, list(stats["classes"]),
-                   list(stats["mean"]), list(stats["std"]))
+        raise UserError(f"{Path(folder) / 'train.npz'}: no training images")
+    return Dataset(train_x, train_y, val_x, val_y, stats["classes"], stats["mean"], stats["std"])
 
 
 # =============================================================================== Training
@@ -341,12 +334,12 @@ class LiveLog:
                          report=None)
 
     def epoch(self, record: dict[str, float]) -> None:
-        """Log one epoch's record with step = epoch and rewrite the summary."""
+        """Log one epoch's record with step = epoch (the summary is written by finish only,
+        so a run killed mid-way leaves no metrics.json passing for the current result)."""
         self.live.step = int(record["epoch"])
         for name in SERIES:
             if name in record:
                 self.live.log_metric(name, record[name])
-        self.live.make_summary()
 
     def finish(self, history: History) -> None:
         """Write the per-iteration loss history and the final summary."""

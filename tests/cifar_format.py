@@ -9,6 +9,7 @@ that form itself, so :func:`py2_batch_pickle` emits the opcodes directly.
 from __future__ import annotations
 
 import io
+import os
 import struct
 import tarfile
 from collections.abc import Sequence
@@ -94,3 +95,31 @@ def write_cifar_archive(path: Path, n_train: int = 50, n_test: int = 10, seed: i
                         compresslevel: int = 6) -> Path:
     """A small (or full-size) archive in the official CIFAR-10 python format."""
     return write_tar(path, random_batches(n_train, n_test, seed), compresslevel=compresslevel)
+
+
+def batch(data: np.ndarray, labels: list[int]) -> bytes:
+    """One batch pickle with the official keys around ``data`` and ``labels``."""
+    return py2_batch_pickle({b"batch_label": b"x", b"labels": labels, b"data": data,
+                             b"filenames": [b"f.png"] * len(labels)})
+
+
+class Evil:
+    """A pickle payload that would create ``marker`` if it were ever unpickled unsafely."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def tar_with(path: Path, member: tarfile.TarInfo, data: bytes = b"") -> Path:
+    """A small official-format archive plus one extra ``member`` holding ``data``."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, blob in random_batches(10, 2).items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    return path

@@ -14,6 +14,11 @@ from typing import Any
 import pytest
 import yaml
 
+# The Prefect flow tests share one real Prefect server per session (the fixture
+# ``prefect_api``); it starts only when a test asks for it. A plugin, not an import, so that
+# prefect_fixtures may use this module's helpers without a circular import.
+pytest_plugins = ["prefect_fixtures"]
+
 PROJECT = Path(__file__).resolve().parents[1]
 #: The real CIFAR-10 JPEG images, beside the project root where a developer or CI has them.
 SHARED_CIFAR_JPEG = PROJECT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -134,8 +139,3 @@ def _torch_threads() -> None:
     except ImportError:  # pragma: no cover
         return
     torch.set_num_threads(1)
-
-
-# The Prefect flow tests (issue 5) share one real Prefect server per session; it starts
-# only when a test asks for it.
-from prefect_fixtures import prefect_api  # noqa: E402,F401

@@ -3,7 +3,8 @@
 ``prefect_api`` starts ``prefect server start`` on a free loopback port with its own
 ``PREFECT_HOME`` (so its SQLite database and settings live in a temp folder) and analytics
 off, points this process and its subprocesses at it, and stops it at the end. It is
-imported by ``tests/conftest.py`` so that every test file shares the one server.
+registered as a plugin by ``tests/conftest.py`` so that every test file shares the one
+server.
 """
 
 from __future__ import annotations

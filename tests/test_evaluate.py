@@ -87,8 +87,8 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
 
 def test_batch_size_does_not_change_predictions() -> None:
     model, x = _model(), _images(23)
-    one_batch = ev.predict(model, x, batch_size=100)
-    np.testing.assert_allclose(ev.predict(model, x, batch_size=4), one_batch, atol=1e-5)
+    one_batch = ev.log_probs(model, x, batch_size=100)
+    np.testing.assert_allclose(ev.log_probs(model, x, batch_size=4), one_batch, atol=1e-5)
     # log-probabilities: each row's probabilities sum to 1
     np.testing.assert_allclose(np.exp(one_batch).sum(axis=1), 1.0, atol=1e-6)
 
@@ -98,7 +98,7 @@ def test_tta_flip_averages_the_probabilities_of_image_and_mirror() -> None:
     with torch.no_grad():
         t = torch.from_numpy(x)
         expected = (model(t).softmax(1) + model(t.flip(-1)).softmax(1)) / 2
-    got = np.exp(ev.predict(model, x, batch_size=2, tta_flip=True))
+    got = np.exp(ev.log_probs(model, x, batch_size=2, tta_flip=True))
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
 
 
@@ -195,3 +195,27 @@ def test_cli_names_a_model_trained_on_other_classes(tmp_path: Path,
     # nothing that looks like a valid result is left behind
     assert not (tmp_path / "metrics" / "evaluate.json").exists()
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(("stats", "message"), [
+    ({"mean": [0.5] * 3, "std": [0.25] * 3}, "stats.json: 'classes' must be a list of names"),
+    ({"classes": CLASSES, "mean": [0.5] * 2, "std": [0.25] * 3},
+     "stats.json: 'mean' must be 3 finite numbers"),
+    ({"classes": CLASSES, "mean": [0.5] * 3, "std": [0.25] * 3, "n": {"test": 7}},
+     "test.npz: holds 30 images but data/processed/stats.json says 7"),
+    ({"classes": CLASSES[:2], "mean": [0.5] * 3, "std": [0.25] * 3},
+     "test.npz: label value(s) 2 outside 0..1"),
+])
+def test_an_inconsistent_stats_json_is_one_line_with_the_fix(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+        stats: dict, message: str) -> None:
+    """Well-formed files that disagree are caught where read, not as a KeyError later."""
+    write_stage_inputs(tmp_path)
+    write_json(tmp_path / "data" / "processed" / "stats.json", stats)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        run_cli(ev.main, ARGV)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert err.count("\n") == 1 and message in err, err
+    assert err.rstrip().endswith("re-run normalize: dvc repro -f normalize")

@@ -198,7 +198,7 @@ def test_flow_finds_the_root_from_any_cwd(prefect_api, tmp_path, monkeypatch):
     from flows.pipeline import pipeline
 
     assert statuses(pipeline()) == {"one": "ran", "two": "ran"}
-    assert Path.cwd() == repo.resolve()
+    assert Path.cwd() == (repo / "sub").resolve(), "the flow left the caller in another cwd"
 
 
 def test_prefect_yaml_deployments_are_valid_and_never_overlap():

@@ -20,7 +20,7 @@ def test_synthetic_is_deterministic_balanced_and_seeded() -> None:
     a_img, a_lab = generate(500, seed=1, split="train")
     b_img, b_lab = generate(500, seed=1, split="train")
     assert np.array_equal(a_img, b_img) and np.array_equal(a_lab, b_lab)
-    assert a_img.dtype == np.uint8 and a_img.shape == (500, 32, 32, 3)
+    assert a_img.dtype == np.uint8 and a_img.shape == (500, 3, 32, 32)
     assert a_lab.dtype == np.int64 and np.bincount(a_lab).tolist() == [50] * 10
     other, _ = generate(500, seed=2, split="train")
     test, _ = generate(500, seed=1, split="test")
@@ -45,14 +45,14 @@ def test_mean_colour_does_not_give_the_class_away_but_a_cnn_learns_it() -> None:
     """The class is in the shape: mean colour is at chance, the seed net learns fast."""
     x_tr, y_tr = generate(2000, seed=0, split="train")
     x_te, y_te = generate(500, seed=0, split="test")
-    colour = _nearest_centroid_accuracy(x_tr.reshape(2000, -1, 3).mean(1), y_tr,
-                                        x_te.reshape(500, -1, 3).mean(1), y_te)
+    colour = _nearest_centroid_accuracy(x_tr.reshape(2000, 3, -1).mean(2), y_tr,
+                                        x_te.reshape(500, 3, -1).mean(2), y_te)
     assert colour < 0.16, f"mean colour predicts the class ({colour:.2f}); chance is 0.10"
 
     torch.manual_seed(0)
     model = build_model("seed_net", 10, [0.5] * 3, [0.28] * 3)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    xt = torch.from_numpy(x_tr).permute(0, 3, 1, 2).contiguous()
+    xt = torch.from_numpy(x_tr)
     yt = torch.from_numpy(y_tr)
     for _ in range(2):
         model.train()
@@ -63,7 +63,7 @@ def test_mean_colour_does_not_give_the_class_away_but_a_cnn_learns_it() -> None:
             opt.step()
     model.eval()
     with torch.no_grad():
-        pred = model(torch.from_numpy(x_te).permute(0, 3, 1, 2).contiguous()).argmax(1)
+        pred = model(torch.from_numpy(x_te)).argmax(1)
     acc = float((pred.numpy() == y_te).mean())
     assert acc > 0.3, f"the seed net reached only {acc:.2f} after 2 epochs on 2,000 images"
 

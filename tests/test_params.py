@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import ast
+import re
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from stages.errors import UserError
 from stages.params import Params, flatten, load_params, parse_params
 
 PROJECT = Path(__file__).resolve().parents[1]
+#: The params group each stage takes from ``load_params()``.
+GROUPS = {"ingest": "data", "normalize": "normalize", "train": "train",
+          "evaluate": "evaluate", "plot": "plot"}
 
 
 def test_shipped_params_are_valid_and_complete() -> None:
@@ -66,64 +72,191 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_declared_params_equal_schema_groups() -> None:
     """Each stage declares in dvc.yaml every key of the group(s) it reads, and nothing else."""
-    from dvc.repo import Repo
+    from flows.dvc_adapter import declared_params
 
-    groups = {"ingest": "data", "normalize": "normalize", "train": "train",
-              "evaluate": "evaluate", "plot": "plot"}
     schema = flatten(Params())
-    with Repo(str(PROJECT)) as repo:
-        declared = {
-            stage.name: {k for dep in stage.params for k in dep.params}
-            for stage in repo.index.stages
-        }
-    for stage, group in groups.items():
+    declared = declared_params(PROJECT)
+    for stage, group in GROUPS.items():
         expected = {k for k in schema if k.split(".")[0] == group}
         assert declared[stage] == expected, stage
 
 
-# Which source files make up each stage (its module and the helpers only it uses).
-STAGE_SOURCES = {
-    "ingest": ["stages/ingest.py", "stages/sources"],
-    "normalize": ["stages/normalize.py"],
-    "train": ["stages/train.py", "stages/loader.py", "stages/recipe.py", "stages/models.py",
-              "stages/device.py", "stages/ddp.py"],
-    "evaluate": ["stages/evaluate.py"],
-    "plot": ["stages/plot.py", "stages/figures.py"],
-}
-GROUPS = {"ingest": "data", "normalize": "normalize", "train": "train",
-          "evaluate": "evaluate", "plot": "plot"}
+def _declared_in_dvc_yaml() -> dict[str, dict]:
+    """Each stage's ``deps`` and ``params`` exactly as written in dvc.yaml (no DVC internals)."""
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    out = {}
+    for name, spec in stages.items():
+        keys = set()
+        for entry in spec.get("params", []):
+            # a key of params.yaml, or {file: [keys]} for another params file
+            keys |= {entry} if isinstance(entry, str) else {k for v in entry.values() for k in v}
+        entry = re.search(r"python -m ([\w.]+)", spec["cmd"])
+        module = PROJECT / f"{entry.group(1).replace('.', '/')}.py" if entry else None
+        out[name] = {"deps": spec.get("deps", []), "params": keys, "entry": module}
+    return out
 
 
-def _sources(stage: str) -> list[Path]:
+def _stage_sources(deps: list[str]) -> list[Path]:
+    """The Python files among a stage's dvc.yaml deps: the code whose change re-runs it."""
     files: list[Path] = []
-    for rel in STAGE_SOURCES[stage]:
-        path = PROJECT / rel
-        files += sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.exists() else []
+    for dep in deps:
+        path = PROJECT / dep
+        if "${" in dep or not path.exists():
+            continue
+        if path.is_dir():
+            files += sorted(path.rglob("*.py"))
+        elif path.suffix == ".py":
+            files.append(path)
     return files
+
+
+def _schema_prefixes() -> dict[str, str]:
+    """Name of each params model class -> its dotted place in params.yaml ('' = the root)."""
+    prefixes = {Params.__name__: ""}
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                prefixes[ann.__name__] = f"{prefix}{name}"
+                walk(ann, f"{prefix}{name}.")
+
+    walk(Params, "")
+    return prefixes
+
+
+class _ParamsReads(ast.NodeVisitor):
+    """Which params keys a module reads, following the variables that hold a params object.
+
+    A variable holds params when it is assigned ``load_params()`` (or a group or sub-group
+    of it) or is a function argument annotated with a params class (``p: TrainParams``).
+    Only ``<holder>.<key>`` counts as reading a key: a same-named attribute of anything
+    else (``args.epochs``, ``model.compile``) does not, and neither does ``p.model_dump()``.
+    """
+
+    def __init__(self, prefixes: dict[str, str], leaves: set[str]) -> None:
+        self.prefixes = prefixes
+        self.groups = set(prefixes.values())  # every sub-model's dotted place
+        self.leaves = leaves
+        self.scopes: list[dict[str, str]] = [{}]
+        self.keys: set[str] = set()
+        self.loaded_groups: set[str] = set()
+
+    def _annotation_prefix(self, ann: ast.expr | None) -> str | None:
+        if ann is None:
+            return None
+        if isinstance(ann, ast.Constant) and isinstance(ann.value, str):
+            ann = ast.parse(ann.value, mode="eval").body
+        if isinstance(ann, ast.BinOp):  # TrainParams | None
+            return self._annotation_prefix(ann.left) or self._annotation_prefix(ann.right)
+        name = ann.attr if isinstance(ann, ast.Attribute) else getattr(ann, "id", None)
+        return self.prefixes.get(name)
+
+    def _prefix(self, node: ast.expr) -> str | None:
+        """The params place ``node`` evaluates to, or None when it is not params."""
+        if isinstance(node, ast.Name):
+            return self.scopes[-1].get(node.id)
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id == "load_params"):
+            return ""
+        if isinstance(node, ast.Attribute):
+            base = self._prefix(node.value)
+            if base is not None:
+                place = f"{base}.{node.attr}" if base else node.attr
+                if place in self.groups:
+                    return place
+        return None
+
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        scope = dict(self.scopes[-1])  # closures see the enclosing holders
+        args = node.args
+        for arg in [*args.posonlyargs, *args.args, *args.kwonlyargs]:
+            prefix = self._annotation_prefix(arg.annotation)
+            if prefix is not None:
+                scope[arg.arg] = prefix
+            else:
+                scope.pop(arg.arg, None)
+        self.scopes.append(scope)
+        self.generic_visit(node)
+        self.scopes.pop()
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_Assign(self, node: ast.Assign) -> None:
+        self.generic_visit(node)
+        prefix = self._prefix(node.value)
+        for target in node.targets:
+            if isinstance(target, ast.Name):
+                if prefix is None:
+                    self.scopes[-1].pop(target.id, None)
+                else:
+                    self.scopes[-1][target.id] = prefix
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+        self.generic_visit(node)
+        prefix = self._annotation_prefix(node.annotation)
+        if prefix is None and node.value is not None:
+            prefix = self._prefix(node.value)
+        if isinstance(node.target, ast.Name) and prefix is not None:
+            self.scopes[-1][node.target.id] = prefix
+
+    def visit_Attribute(self, node: ast.Attribute) -> None:
+        base = self._prefix(node.value)
+        if base is not None:
+            place = f"{base}.{node.attr}" if base else node.attr
+            if place in self.leaves:
+                self.keys.add(place)
+            if base == "" and place in self.groups:
+                self.loaded_groups.add(place)
+        self.generic_visit(node)
+
+
+def params_read_by(files: list[Path]) -> tuple[set[str], set[str]]:
+    """(top-level groups taken from the params object, leaf keys read through it) in ``files``."""
+    visitor = _ParamsReads(_schema_prefixes(), set(flatten(Params())))
+    for file in files:
+        visitor.visit(ast.parse(file.read_text(), filename=str(file)))
+    return visitor.loaded_groups, visitor.keys
 
 
 @pytest.mark.parametrize("stage", sorted(GROUPS))
 def test_code_reads_exactly_the_declared_keys(stage: str) -> None:
-    """Static proof, from the stage's source, that it reads only its group and every key of it.
+    """Static proof, from the code dvc.yaml lists as the stage's deps, that it reads its keys.
 
-    A stage reads params as ``load_params().<group>``; its code then uses ``<obj>.<field>``.
-    Reading another group would let DVC miss a change; a declared key that no code reads
-    would re-run the stage for nothing.
+    The stage takes one group from ``load_params()``; every key dvc.yaml declares is read
+    from that params object somewhere in the stage's code, and no undeclared one is.
+    Reading an undeclared key lets DVC miss a change; declaring a key that no code reads
+    re-runs the stage for nothing (and hides that the code forgot a param).
     """
-    import ast
-
-    groups_read: set[str] = set()
-    attrs: set[str] = set()
-    for file in _sources(stage):
-        for node in ast.walk(ast.parse(file.read_text())):
-            if isinstance(node, ast.Attribute):
-                attrs.add(node.attr)
-                call = node.value
-                if (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)
-                        and call.func.id == "load_params"):
-                    groups_read.add(node.attr)
-    assert groups_read == {GROUPS[stage]}, f"{stage} reads groups {groups_read}"
+    stages = _declared_in_dvc_yaml()
+    declared = stages[stage]
+    sources = _stage_sources(declared["deps"])
+    # another stage's module among the deps (plot imports evaluate's helpers) is shared code:
+    # its main() loads that stage's group, which this stage never calls
+    others = {s["entry"] for name, s in stages.items() if name != stage}
+    groups, _ = params_read_by([f for f in sources if f not in others])
+    _, keys = params_read_by(sources)
+    assert groups == {GROUPS[stage]}, f"{stage} takes the params groups {sorted(groups)}"
     group = GROUPS[stage]
-    fields = {k.split(".")[-1] for k in flatten(Params()) if k.split(".")[0] == group}
-    unread = {f for f in fields if f not in attrs}
-    assert not unread, f"{stage} declares {group}.{sorted(unread)} but no code reads them"
+    keys = {k for k in keys if k.split(".")[0] == group}  # shared helpers may type other groups
+    unread = sorted(declared["params"] - keys)
+    assert not unread, f"{stage}: dvc.yaml declares {unread}, but its code never reads them"
+    undeclared = sorted(keys - declared["params"])
+    assert not undeclared, f"{stage} reads {undeclared}, which dvc.yaml does not declare"
+
+
+def test_params_reads_follow_the_params_object_only() -> None:
+    """The analysis counts ``p.lr`` on a params holder, never a same-named attribute elsewhere."""
+    code = (
+        "def f(p: TrainParams, args):\n"
+        "    return p.lr, args.epochs, p.model_dump()\n"
+        "def g():\n"
+        "    d = load_params().data\n"
+        "    return d.synthetic.n_train\n"
+        "def h(p):\n"
+        "    return p.seed\n"
+    )
+    visitor = _ParamsReads(_schema_prefixes(), set(flatten(Params())))
+    visitor.visit(ast.parse(code))
+    assert visitor.keys == {"train.lr", "data.synthetic.n_train"}
+    assert visitor.loaded_groups == {"data"}

@@ -57,3 +57,17 @@ def test_two_point_sweep_yields_two_experiments_in_dvc_exp_show(prefect_api, tmp
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["convflow-sweep"])),
             limit=1)
     assert {r["experiment"] for r in json.loads(art.data)} == {"pts-1", "pts-2"}
+
+
+def test_threads_follow_the_cpu_affinity_not_the_machine():
+    """A sweep restricted to one CPU (taskset, a cgroup) gives each experiment 1 thread."""
+    import subprocess
+    import sys
+
+    from conftest import PROJECT
+
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from flows.sweep import usable_cpus; print(usable_cpus())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "1"

@@ -1,8 +1,8 @@
 """Where ingest reads images from: one module per ``data.source``.
 
 Each source returns a :class:`RawData`; :func:`validate_raw` checks it against the raw-data
-contract (uint8 N x 32 x 32 x 3 images, int64 labels in range, one name per class) before
-anything is written.
+contract (uint8 N x 3 x 32 x 32 images, int64 labels in range, one name per class) with the
+same checks every later reader uses (:mod:`stages.io`) before anything is written.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 
 from stages.errors import UserError
+from stages.io import IMAGE_SHAPE, check_classes, check_split
 from stages.params import DataParams
 
 log = logging.getLogger("convflow.ingest")
 
-IMAGE_SHAPE = (32, 32, 3)
+__all__ = ["CIFAR10_CLASSES", "IMAGE_SHAPE", "RawData", "load_source", "validate_raw"]
 #: The CIFAR-10 class names, in label order.
 CIFAR10_CLASSES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer",
@@ -28,7 +29,8 @@ CIFAR10_CLASSES: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class RawData:
-    """Both splits of a data set in the raw contract's layout, plus where they came from."""
+    """Both splits of a data set in the raw contract's layout (uint8 N x 3 x 32 x 32, int64
+    labels), plus where they came from."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -62,29 +64,10 @@ def load_source(p: DataParams) -> RawData:
 
 def validate_raw(data: RawData, origin: str) -> None:
     """Raise UserError (naming ``origin``) unless ``data`` satisfies the raw-data contract."""
-    n_classes = len(data.classes)
-    if n_classes < 2:
-        raise UserError(f"{origin}: found {n_classes} class(es) {list(data.classes)}; "
-                        "a classifier needs at least 2")
-    if len(set(data.classes)) != n_classes:
-        raise UserError(f"{origin}: duplicate class names {list(data.classes)}")
+    fix = "fix the input (data.source, data.path) and run again"
+    classes = check_classes(list(data.classes), origin, fix)
     for split, images, labels in (("train", data.train_images, data.train_labels),
                                   ("test", data.test_images, data.test_labels)):
-        if images.dtype != np.uint8:
-            raise UserError(f"{origin}: {split} images have dtype {images.dtype}; "
-                            "expected uint8 pixels 0-255")
-        if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
-            raise UserError(f"{origin}: {split} images have shape {images.shape}; "
-                            f"expected (N, {', '.join(map(str, IMAGE_SHAPE))})")
+        check_split(images, labels, len(classes), f"{origin}: {split} split", fix)
         if len(images) == 0:
             raise UserError(f"{origin}: the {split} split is empty")
-        if labels.ndim != 1 or len(labels) != len(images):
-            raise UserError(f"{origin}: {split} labels have shape {labels.shape}; "
-                            f"expected ({len(images)},), one per image")
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise UserError(f"{origin}: {split} labels have dtype {labels.dtype}; "
-                            "expected integers")
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= n_classes:
-            raise UserError(f"{origin}: {split} labels range over [{lo}, {hi}]; expected "
-                            f"[0, {n_classes - 1}] for {n_classes} classes")

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from stages.errors import UserError
+from stages.io import bad_labels
 from stages.sources import RawData
 from stages.sources.safety import cache_dir, download, iter_tar, restricted_loads, verify_sha256
 
@@ -57,7 +58,7 @@ def locate_archive(path: str | None, url: str, sha256: str) -> Path:
 
 
 def decode_batch(batch: Any, what: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """One unpickled batch dict -> (uint8 N x 32 x 32 x 3 images, int64 labels), validated."""
+    """One unpickled batch dict -> (uint8 N x 3 x 32 x 32 images, int64 labels), validated."""
     if not isinstance(batch, dict):
         raise UserError(f"{what}: expected a dict, got {type(batch).__name__}")
     batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
@@ -76,12 +77,11 @@ def decode_batch(batch: Any, what: str, n_classes: int) -> tuple[np.ndarray, np.
     if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
         raise UserError(f"{what}: 'labels' must be {len(data)} integers, got "
                         f"{labels.dtype} {labels.shape}")
-    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
-        raise UserError(f"{what}: labels range over [{labels.min()}, {labels.max()}]; "
-                        f"expected [0, {n_classes - 1}]")
-    # rows are stored channel-major (1024 R, 1024 G, 1024 B): to NHWC
-    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images), labels.astype(np.int64)
+    if bad := bad_labels(labels, n_classes):
+        raise UserError(f"{what}: label value(s) {', '.join(map(str, bad))} outside "
+                        f"0..{n_classes - 1} (there are {n_classes} classes)")
+    # rows are stored channel-major (1024 R, 1024 G, 1024 B): already the NCHW layout
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 def read_archive(archive: str | Path) -> RawData:
@@ -89,8 +89,8 @@ def read_archive(archive: str | Path) -> RawData:
     wanted = {*TRAIN_BATCHES, TEST_BATCH, META}
 
     def want(member: tarfile.TarInfo) -> bool:
-        p = PurePosixPath(member.name)
-        return p.parent.name == FOLDER and p.name in wanted
+        name = PurePosixPath(member.name)
+        return name.parent.name == FOLDER and name.name in wanted
 
     blobs: dict[str, Any] = {}
     for member, data in iter_tar(archive, want):
@@ -107,13 +107,13 @@ def read_archive(archive: str | Path) -> RawData:
     if not isinstance(names, list) or not all(isinstance(n, bytes | str) for n in names):
         raise UserError(f"{archive}: {FOLDER}/{META} has no list of label_names")
     classes = tuple(n.decode("utf-8") if isinstance(n, bytes) else n for n in names)
-    parts = [decode_batch(blobs[b], f"{archive}: {FOLDER}/{b}", len(classes))
-             for b in TRAIN_BATCHES]
+    batches = [decode_batch(blobs[b], f"{archive}: {FOLDER}/{b}", len(classes))
+               for b in TRAIN_BATCHES]
     test_images, test_labels = decode_batch(blobs[TEST_BATCH], f"{archive}: {FOLDER}/{TEST_BATCH}",
                                             len(classes))
     return RawData(
-        train_images=np.concatenate([p[0] for p in parts]),
-        train_labels=np.concatenate([p[1] for p in parts]),
+        train_images=np.concatenate([images for images, _ in batches]),
+        train_labels=np.concatenate([labels for _, labels in batches]),
         test_images=test_images, test_labels=test_labels,
         classes=classes, source="cifar10",
     )

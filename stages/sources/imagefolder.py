@@ -4,11 +4,12 @@
 inside one top-level folder). Class names are the folder names of ``train/``, sorted;
 label i is the i-th name. Archives are read member by member straight into memory (never
 extracted). Images are converted to RGB; any other size is resized to 32x32 (noted in the log).
+A symlinked class folder is followed (only to the depth an image can be at); names with
+newlines or control characters are refused, as they would forge lines in logs and reports.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections import defaultdict
@@ -18,7 +19,8 @@ import numpy as np
 
 from stages.errors import UserError
 from stages.sources import RawData
-from stages.sources.safety import iter_tar
+from stages.sources.images import decode_image
+from stages.sources.safety import iter_tar, max_file_bytes, too_big
 
 log = logging.getLogger("convflow.ingest")
 
@@ -31,7 +33,14 @@ _Files = dict[str, dict[str, list[tuple[str, bytes]]]]
 
 
 def _hidden(parts: tuple[str, ...]) -> bool:
-    return any(p.startswith(".") for p in parts)
+    return any(part.startswith(".") for part in parts)
+
+
+def _check_name(parts: tuple[str, ...], origin: str) -> None:
+    for part in parts:
+        if not part.isprintable():
+            raise UserError(f"{origin}: {'/'.join(parts)!r} has a newline or control character "
+                            "in its name; rename it")
 
 
 def _collect(entries: list[tuple[tuple[str, ...], bytes | None]], origin: str) -> _Files:
@@ -49,6 +58,7 @@ def _collect(entries: list[tuple[tuple[str, ...], bytes | None]], origin: str) -
         rel = parts[len(prefix):]
         if not rel or rel[0] not in SPLITS or _hidden(rel):
             continue
+        _check_name(rel[:3], origin)
         if len(rel) == 2 and data is None:
             files[rel[0]][rel[1]]  # noqa: B018 - registers a (maybe empty) class folder
         elif len(rel) == 3 and data is not None and rel[2].lower().endswith(EXTENSIONS):
@@ -71,19 +81,28 @@ def _collect(entries: list[tuple[tuple[str, ...], bytes | None]], origin: str) -
 
 def _read_folder(root: Path) -> list[tuple[tuple[str, ...], bytes | None]]:
     entries: list[tuple[tuple[str, ...], bytes | None]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    per_file = max_file_bytes()
+    # links are followed (users link class folders in from elsewhere), but never below the
+    # depth an image can be at, so a link loop cannot make the walk endless
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         rel = Path(dirpath).relative_to(root).parts
         dirnames.sort()
         for d in dirnames:
             entries.append(((*rel, d), None))
+        if len(rel) >= 3:
+            dirnames.clear()
         # only files that can be images at the right depth are read
         for f in sorted(filenames):
             parts = (*rel, f)
+            path = Path(dirpath) / f
             if len(parts) in (3, 4) and f.lower().endswith(EXTENSIONS):
                 try:
-                    entries.append((parts, (Path(dirpath) / f).read_bytes()))
+                    if path.stat().st_size > per_file:
+                        raise too_big(str(path), path.stat().st_size, per_file,
+                                      "CONVFLOW_MAX_FILE_MB")
+                    entries.append((parts, path.read_bytes()))
                 except OSError as err:
-                    raise UserError(f"{Path(dirpath) / f}: cannot read ({err})") from None
+                    raise UserError(f"{path}: cannot read ({err})") from None
             else:
                 entries.append((parts, b""))
     return entries
@@ -102,24 +121,12 @@ def _read_archive(archive: Path) -> list[tuple[tuple[str, ...], bytes | None]]:
 
 
 def decode_images(items: list[tuple[str, bytes]], where: str) -> tuple[np.ndarray, int]:
-    """Decode PNG/JPEG bytes to uint8 N x 32 x 32 x 3 RGB; returns (images, number resized)."""
-    from PIL import Image
-
-    out = np.empty((len(items), 32, 32, 3), np.uint8)
+    """Decode PNG/JPEG bytes to uint8 N x 3 x 32 x 32 RGB; returns (images, number resized)."""
+    out = np.empty((len(items), 3, 32, 32), np.uint8)
     resized = 0
     for i, (name, data) in enumerate(items):
-        try:
-            # only the two decoders we accept: no probing of every other format
-            with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as im:
-                if im.mode != "RGB":
-                    im = im.convert("RGB")
-                if im.size != (32, 32):
-                    im = im.resize((32, 32), Image.Resampling.BILINEAR, reducing_gap=2.0)
-                    resized += 1
-                out[i] = np.asarray(im)
-        except Exception as err:  # noqa: BLE001 - PIL raises many types for a bad file
-            raise UserError(f"{where}/{name}: unreadable image ({type(err).__name__}: {err}); "
-                            "replace or delete it") from None
+        out[i], original = decode_image(data, f"{where}/{name}")
+        resized += original != (32, 32)
     return out, resized
 
 

@@ -1,8 +1,14 @@
-"""Handling untrusted input safely: checksums, downloads, tar members and pickles.
+"""Handling untrusted input safely: checksums, downloads, tar members, pickles, size caps.
 
 Nothing here extracts an archive to disk: sources read the members they need straight
 from the tar file into memory, after every member has passed :func:`check_member`, so no
 path in an archive can ever decide where a file lands.
+
+Every decompression is capped (see docs/threat-model.md): one file or archive member may hold
+at most :func:`max_file_bytes` (a CIFAR-10 batch is 31 MB), and an archive may expand to at
+most :func:`expansion_budget` of its size. Both are checked from the headers, before the
+bytes are inflated, so a bomb is refused at once and in little memory. Environment variables
+raise them for a data set that needs more.
 """
 
 from __future__ import annotations
@@ -28,6 +34,42 @@ from stages.errors import TransientError, UserError
 log = logging.getLogger("convflow.ingest")
 
 _BLOCK = 1 << 20
+_MB = 1 << 20
+
+#: Defaults of the caps (each overridable by the environment variable named beside it).
+MAX_FILE_MB = 64  # CONVFLOW_MAX_FILE_MB: one image file or archive member
+MAX_EXPANSION = 50  # CONVFLOW_MAX_EXPANSION: uncompressed / compressed size of an archive
+EXPANSION_SLACK_MB = 32  # a small archive of tiny, very compressible images may exceed 50x
+
+
+def env_number(name: str, default: float) -> float:
+    """A positive number from the environment variable ``name``, else ``default``."""
+    raw = os.environ.get(name, "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise UserError(f"{name}={raw!r}: expected a number") from None
+    if not value > 0:
+        raise UserError(f"{name}={raw!r}: expected a positive number")
+    return value
+
+
+def max_file_bytes() -> int:
+    """The most bytes one image file, archive member or array may decompress to."""
+    return int(env_number("CONVFLOW_MAX_FILE_MB", MAX_FILE_MB) * _MB)
+
+
+def expansion_budget(compressed_bytes: int) -> int:
+    """The most bytes an archive (or .npz) of ``compressed_bytes`` may decompress to."""
+    ratio = env_number("CONVFLOW_MAX_EXPANSION", MAX_EXPANSION)
+    return int(EXPANSION_SLACK_MB * _MB + ratio * compressed_bytes)
+
+
+def too_big(what: str, size: int, limit: int, knob: str) -> UserError:
+    """The one message for input refused by a size cap."""
+    return UserError(f"{what}: would decompress to {size / _MB:.1f} MB, more than the "
+                     f"{limit / _MB:.1f} MB allowed (a decompression bomb or a file that is "
+                     f"not what it claims); refused. If you trust it, raise {knob}")
 
 
 class DownloadError(TransientError):
@@ -132,14 +174,26 @@ def iter_tar(archive: str | Path, want: Callable[[tarfile.TarInfo], bool],
     """Stream a (compressed) tar archive once: every member, checked by :func:`check_member`,
     with its bytes where ``want(member)`` (else None).
 
-    A truncated or corrupt archive raises UserError naming it.
+    A truncated or corrupt archive raises UserError naming it. Sizes come from each
+    member's header: a member over :func:`max_file_bytes`, or one that would take the
+    archive past :func:`expansion_budget`, is refused before it is inflated.
     """
+    budget = expansion_budget(os.path.getsize(archive))
+    per_file = max_file_bytes()
     try:
         with tarfile.open(archive, "r:*") as tar:
             for member in tar:
+                # streamed once: keeping every header would grow with a bomb of empty members
+                tar.members.clear()
                 check_member(member, archive)
+                if member.offset_data + member.size > budget:
+                    raise too_big(f"{archive}", member.offset_data + member.size, budget,
+                                  "CONVFLOW_MAX_EXPANSION")
                 data = None
                 if member.isfile() and want(member):
+                    if member.size > per_file:
+                        raise too_big(f"{archive}: {member.name}", member.size, per_file,
+                                      "CONVFLOW_MAX_FILE_MB")
                     f = tar.extractfile(member)
                     data = f.read() if f is not None else b""
                     if len(data) != member.size:

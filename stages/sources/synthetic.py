@@ -101,7 +101,7 @@ def _segment_alpha(px: np.ndarray, py: np.ndarray, ends: np.ndarray,
 
 
 def _draw_chunk(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Draw ``len(labels)`` images (uint8, N x 32 x 32 x 3)."""
+    """Draw ``len(labels)`` images (uint8, N x 3 x 32 x 32)."""
     n = len(labels)
     f32 = np.float32
     grid = np.arange(SIZE, dtype=f32) + 0.5
@@ -153,7 +153,7 @@ def _draw_chunk(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     img *= 255
     img += 0.5
     np.clip(img, 0, 255, out=img)
-    return img.astype(np.uint8).transpose(0, 2, 3, 1)
+    return img.astype(np.uint8)
 
 
 def _blend(img: np.ndarray, colour: np.ndarray, alpha: np.ndarray) -> None:
@@ -164,10 +164,10 @@ def _blend(img: np.ndarray, colour: np.ndarray, alpha: np.ndarray) -> None:
 
 
 def generate(n: int, seed: int, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` images (uint8 N x 32 x 32 x 3) and balanced int64 labels, deterministic in ``seed``."""
+    """``n`` images (uint8 N x 3 x 32 x 32) and balanced int64 labels, deterministic in ``seed``."""
     root = np.random.SeedSequence([seed, _SPLIT_KEYS[split]])
     n_chunks = -(-n // CHUNK)
-    images = np.empty((n, SIZE, SIZE, 3), np.uint8)
+    images = np.empty((n, 3, SIZE, SIZE), np.uint8)
     labels = np.empty(n, np.int64)
     for i, child in enumerate(root.spawn(n_chunks)):
         rng = np.random.default_rng(child)
