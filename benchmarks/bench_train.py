@@ -60,8 +60,7 @@ def load_data(archive: Path) -> tuple[np.ndarray, ...]:
         t0 = time.perf_counter()
         raw = load_imagefolder(str(archive))
         print(f"decoded {archive.name} in {time.perf_counter() - t0:.0f} s")
-        out = (raw.train_images.transpose(0, 3, 1, 2), raw.train_labels,
-               raw.test_images.transpose(0, 3, 1, 2), raw.test_labels)
+        out = (raw.train_images, raw.train_labels, raw.test_images, raw.test_labels)
         out = tuple(np.ascontiguousarray(a) for a in out)
         CACHE.parent.mkdir(parents=True, exist_ok=True)
         np.savez(CACHE, train_x=out[0], train_y=out[1], test_x=out[2], test_y=out[3])
@@ -71,8 +70,7 @@ def load_data(archive: Path) -> tuple[np.ndarray, ...]:
 
     tx, ty = generate(50_000, 0, "train")
     vx, vy = generate(10_000, 0, "test")
-    return (np.ascontiguousarray(tx.transpose(0, 3, 1, 2)), ty,
-            np.ascontiguousarray(vx.transpose(0, 3, 1, 2)), vy)
+    return np.ascontiguousarray(tx), ty, np.ascontiguousarray(vx), vy
 
 
 def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:

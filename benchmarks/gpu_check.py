@@ -83,7 +83,7 @@ def _synthetic(n: int) -> tuple[Any, Any]:
     from stages.sources.synthetic import generate
 
     x, y = generate(n, 0, "train")
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), y
+    return np.ascontiguousarray(x), y  # the raw contract: uint8 N x 3 x H x W
 
 
 def step_seed_net_epoch(args: argparse.Namespace, device: Any) -> dict[str, Any]:
