@@ -146,14 +146,14 @@ def whiten_bias_frozen(epoch: int, p: TrainParams) -> bool:
     return p.whiten_bias_epochs is not None and epoch >= p.whiten_bias_epochs
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """``python -m stages.recipe NAME``: print the preset's ``-S`` flags for ``dvc exp run``."""
-    import sys
+    import argparse
 
-    name = sys.argv[1] if len(sys.argv) > 1 else ""
-    if name not in RECIPES:
-        raise SystemExit(f"usage: python -m stages.recipe {{{','.join(RECIPES)}}}")
-    print(" ".join(set_flags(name)))
+    ap = argparse.ArgumentParser(prog="python -m stages.recipe",
+                                 description="print a preset's -S flags for dvc exp run")
+    ap.add_argument("name", choices=sorted(RECIPES))
+    print(" ".join(set_flags(ap.parse_args(argv).name)))
 
 
 if __name__ == "__main__":

@@ -177,3 +177,15 @@ def test_model_file_names_the_recipe_that_made_it(tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     main(ARGS)
     assert load_model(tmp_path / "models/model.pt")[1]["recipe"] == "tiny"
+
+
+def test_recipe_cli_prints_the_flags(capsys: pytest.CaptureFixture) -> None:
+    from stages.recipe import main as recipe_main
+
+    recipe_main(["airbench94"])
+    flags = capsys.readouterr().out.split()
+    assert flags[:2] == ["-S", "train.model=airbench94"] and len(flags) == 2 * len(
+        RECIPES["airbench94"])
+    with pytest.raises(SystemExit) as info:
+        recipe_main(["nope"])
+    assert info.value.code == 2
