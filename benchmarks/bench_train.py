@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,10 +31,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from stages.device import Settings  # noqa: E402
 from stages.errors import setup_logging  # noqa: E402
 from stages.models import SeedNet  # noqa: E402
 from stages.params import TrainParams  # noqa: E402
-from stages.train import Dataset, Settings, evaluate, fit  # noqa: E402
+from stages.train import Dataset, evaluate, fit  # noqa: E402
 
 SHARED_JPEG = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 CACHE = ROOT / "bench-out" / "cifar10-jpeg.npz"
@@ -58,8 +60,7 @@ def load_data(archive: Path) -> tuple[np.ndarray, ...]:
         t0 = time.perf_counter()
         raw = load_imagefolder(str(archive))
         print(f"decoded {archive.name} in {time.perf_counter() - t0:.0f} s")
-        out = (raw.train_images.transpose(0, 3, 1, 2), raw.train_labels,
-               raw.test_images.transpose(0, 3, 1, 2), raw.test_labels)
+        out = (raw.train_images, raw.train_labels, raw.test_images, raw.test_labels)
         out = tuple(np.ascontiguousarray(a) for a in out)
         CACHE.parent.mkdir(parents=True, exist_ok=True)
         np.savez(CACHE, train_x=out[0], train_y=out[1], test_x=out[2], test_y=out[3])
@@ -69,13 +70,22 @@ def load_data(archive: Path) -> tuple[np.ndarray, ...]:
 
     tx, ty = generate(50_000, 0, "train")
     vx, vy = generate(10_000, 0, "test")
-    return (np.ascontiguousarray(tx.transpose(0, 3, 1, 2)), ty,
-            np.ascontiguousarray(vx.transpose(0, 3, 1, 2)), vy)
+    return np.ascontiguousarray(tx), ty, np.ascontiguousarray(vx), vy
 
 
 def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
     xf = x.reshape(len(x), 3, -1).astype(np.float64) / 255
     return xf.mean(axis=(0, 2)).tolist(), xf.std(axis=(0, 2)).tolist()
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (DDP workers): the work done,
+    which a busy machine's other processes do not inflate the way they inflate wall time."""
+    import resource
+
+    own, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF,
+                                                  resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 # ------------------------------------------------------------------------------- reference
@@ -90,7 +100,7 @@ def reference(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
     net = SeedNet(10)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    seen, t0 = 0, time.perf_counter()
+    seen, t0, c0 = 0, time.perf_counter(), _cpu_seconds()
     done = False
     while not done:
         for xb, yb in loader:
@@ -102,57 +112,104 @@ def reference(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
             if time.perf_counter() - t0 >= budget:
                 done = True
                 break
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     net.eval()
     with torch.no_grad():
         xt = torch.tensor(test_x, dtype=torch.float32) / 255.0
         pred = torch.cat([net(xt[i:i + 1000]).argmax(1) for i in range(0, len(xt), 1000)])
-    return {"img_per_s": seen / seconds, "seconds": seconds, "epochs": seen / len(x),
-            "test_acc": float((pred.numpy() == test_y).mean())}
+    return {"img_per_s": seen / seconds, "seconds": seconds, "img_per_cpu_s": seen / cpu,
+            "epochs": seen / len(x), "test_acc": float((pred.numpy() == test_y).mean())}
 
 
 # ------------------------------------------------------------------------------- ours
-def ours(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-         budget: float, recipe: dict, device: torch.device, epochs: int | None = None
-         ) -> dict[str, float]:
-    """The stage's fit() with ``recipe``; epochs fitted to ``budget`` unless given."""
-    mean, std = channel_stats(train_x)
-    classes = [str(i) for i in range(10)]
-    empty = train_x[:0]
-    data = Dataset(train_x, train_y, empty, train_y[:0], classes, mean, std)
-    if epochs is None:
-        # calibrate on a slice: one short epoch gives the loop's images/s on this machine
-        # (twice, keeping the faster: a neighbour's burst of CPU use should not halve the run)
-        probe = Dataset(train_x[:8192], train_y[:8192], empty, train_y[:0], classes, mean, std)
-        rate = 0.0
-        for _ in range(2):
-            t0 = time.perf_counter()
-            fit(TrainParams(**{**recipe, "epochs": 1}), probe, device)
-            seen = 8192 // recipe["batch_size"] * recipe["batch_size"]
-            rate = max(rate, seen / (time.perf_counter() - t0))
-        # 15 % margin: the probe is short and a shared machine's speed drifts during a run
-        epochs = max(1, math.floor(budget * rate * 0.85 / len(train_x)))
-        print(f"calibration: ~{rate:,.0f} img/s -> {epochs} epochs in the budget")
-    p = TrainParams(**{**recipe, "epochs": epochs})
+def _calibrate(train_x: np.ndarray, train_y: np.ndarray, recipe: dict, device: torch.device,
+               data: Dataset, budget: float, nproc: int) -> int:
+    """Epochs that fit in ``budget``, from the loop's images/s on a slice of the data."""
+    probe = Dataset(train_x[:8192], train_y[:8192], data.val_x, data.val_y, data.classes,
+                    data.mean, data.std)
+    rate = 0.0
+    # twice, keeping the faster: a neighbour's burst of CPU use should not halve the run
+    for _ in range(2):
+        t0 = time.perf_counter()
+        fit(TrainParams(**{**recipe, "epochs": 1}), probe, device)
+        seen = 8192 // recipe["batch_size"] * recipe["batch_size"]
+        rate = max(rate, seen / (time.perf_counter() - t0))
+    rate *= nproc  # each process trains its share of every batch on its own threads
+    # 15 % margin: the probe is short and a shared machine's speed drifts during a run
+    epochs = max(1, math.floor(budget * rate * 0.85 / len(train_x)))
+    print(f"calibration: ~{rate:,.0f} img/s -> {epochs} epochs in the budget")
+    return epochs
+
+
+def _ddp_worker(npz: str, recipe: dict, out: str) -> None:
+    """One DDP process of ``ours(nproc > 1)``: fit its share; rank 0 saves model and time."""
+    with np.load(npz, allow_pickle=False) as z:
+        data = Dataset(z["x"], z["y"], z["x"][:0], z["y"][:0], [str(i) for i in range(10)],
+                       z["mean"].tolist(), z["std"].tolist())
     t0 = time.perf_counter()
-    result = fit(p, data, device)
+    result = fit(TrainParams(**recipe), data, torch.device("cpu"))
+    seconds = time.perf_counter() - t0
+    if torch.distributed.get_rank() == 0:
+        torch.save({"state": result.model.state_dict(), "seconds": seconds,
+                    "settings": vars(result.settings)}, out)
+
+
+def _fit_ddp(data: Dataset, p: TrainParams, nproc: int, threads: int
+             ) -> tuple[torch.nn.Module, float, bool]:
+    """``fit`` in ``nproc`` gloo processes of ``threads`` threads; model, seconds, layout."""
+    from stages.ddp import launch
+    from stages.models import build_model
+
+    with tempfile.TemporaryDirectory(prefix="bench-ddp-") as tmp:
+        npz, out = Path(tmp) / "train.npz", Path(tmp) / "model.pt"
+        np.savez(npz, x=data.train_x, y=data.train_y, mean=data.mean, std=data.std)
+        launch(_ddp_worker, nproc, torch.device("cpu"),
+               (str(npz), p.model_dump(mode="json"), str(out)), threads=threads)
+        blob = torch.load(out, weights_only=True)
+    model = build_model(p.model, 10, data.mean, data.std)
+    model.load_state_dict(blob["state"])
+    return model, blob["seconds"], blob["settings"]["channels_last"]
+
+
+def ours(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+         budget: float, recipe: dict, device: torch.device, epochs: int | None = None,
+         nproc: int = 1, threads: int = 1) -> dict[str, float]:
+    """The stage's fit() with ``recipe``; epochs fitted to ``budget`` unless given.
+
+    ``nproc > 1``: DDP over that many gloo processes sharing ``threads`` CPU threads, as
+    ``train.nproc`` does (the time then includes starting the processes).
+    """
+    mean, std = channel_stats(train_x)
+    data = Dataset(train_x, train_y, train_x[:0], train_y[:0], [str(i) for i in range(10)],
+                   mean, std)
+    if nproc > 1:
+        torch.set_num_threads(max(1, threads // nproc))
+    if epochs is None:
+        epochs = _calibrate(train_x, train_y, recipe, device, data, budget, nproc)
+    p = TrainParams(**{**recipe, "epochs": epochs})
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    if nproc > 1:
+        model, _, channels_last = _fit_ddp(data, p, nproc, max(1, threads // nproc))
+        torch.set_num_threads(threads)
+    else:
+        result = fit(p, data, device)
+        model, channels_last = result.model, result.settings.channels_last
     if device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     steps = len(train_x) // min(p.batch_size, len(train_x))
     seen = steps * p.batch_size * epochs
-    model = result.model.eval()
+    model = model.eval().to(device)
     xt = torch.from_numpy(test_x).to(device)
     yt = torch.from_numpy(np.asarray(test_y, np.int64)).to(device)
-    settings = Settings("fp32", result.settings.channels_last, False)
-    _, acc = evaluate(model, xt, yt, settings)
+    _, acc = evaluate(model, xt, yt, Settings("fp32", channels_last, False))
     with torch.no_grad():
         logits = torch.cat([model(xt[i:i + 1000]).float().softmax(1)
                             + model(xt[i:i + 1000].flip(3)).float().softmax(1)
                             for i in range(0, len(xt), 1000)])
     tta = float((logits.argmax(1) == yt).float().mean())
-    return {"img_per_s": seen / seconds, "seconds": seconds, "epochs": epochs,
-            "test_acc": acc, "test_acc_flip_tta": tta}
+    return {"img_per_s": seen / seconds, "seconds": seconds, "img_per_cpu_s": seen / cpu,
+            "epochs": epochs, "nproc": nproc, "test_acc": acc, "test_acc_flip_tta": tta}
 
 
 # ------------------------------------------------------------------------------- main
@@ -164,6 +221,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, help="fix our epochs instead of fitting the budget")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override recipe params, e.g. lr=0.005 batch_size=512")
+    ap.add_argument("--nproc", type=int, default=1,
+                    help="our loop in this many DDP processes sharing --threads (train.nproc)")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--gpu", action="store_true", help="CUDA mode (see README.md, Training)")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -184,12 +243,14 @@ def main() -> None:
             results["reference"] = reference(train_x, train_y, test_x, test_y, args.budget)
             print("reference:", _fmt(results["reference"]), flush=True)
         results["ours"] = ours(train_x, train_y, test_x, test_y, args.budget, recipe, device,
-                               args.epochs)
+                               args.epochs, args.nproc, args.threads)
         results["ours"]["recipe"] = recipe
         print("ours:     ", _fmt(results["ours"]))
         if "reference" in results:
             ratio = results["ours"]["img_per_s"] / results["reference"]["img_per_s"]
-            results["speedup"] = {"img_per_s_ratio": ratio}
+            results["speedup"] = {"img_per_s_ratio": ratio, "img_per_cpu_s_ratio":
+                                  results["ours"]["img_per_cpu_s"]
+                                  / results["reference"]["img_per_cpu_s"]}
             print(f"speed-up: {ratio:.2f}x images/s at {args.threads} thread(s); "
                   f"test acc {results['reference']['test_acc']:.4f} -> "
                   f"{results['ours']['test_acc']:.4f} "
@@ -228,11 +289,11 @@ def gpu_mode(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
     data = Dataset(train_x, train_y, train_x[:0], train_y[:0], [str(i) for i in range(10)],
                    mean, std)
     for name, recipe, epochs in (("seed_net", GPU_SEED, 6), ("airbench", GPU_AIRBENCH, 10)):
-        times: list[float] = []
         p = TrainParams(**{**recipe, "epochs": epochs})
         t0 = time.perf_counter()
-        result = fit(p, data, device, on_epoch=lambda r, _s, t=times: t.append(r["epoch_time"]))
+        result = fit(p, data, device)
         total = time.perf_counter() - t0
+        times = result.epoch_seconds
         xt = torch.from_numpy(test_x).to(device)
         yt = torch.from_numpy(np.asarray(test_y, np.int64)).to(device)
         _, acc = evaluate(result.model, xt, yt, result.settings)

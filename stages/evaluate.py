@@ -37,6 +37,7 @@ from stages.errors import UserError, run_cli
 from stages.io import atomic_dir, atomic_file, read_processed, write_json
 from stages.models import load_model
 from stages.params import EvaluateParams, load_params
+from stages.tta import tta_accuracy
 
 log = logging.getLogger("convflow.evaluate")
 
@@ -233,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     stats, splits = read_processed(data, ("test",))
     classes = stats["classes"]
     images, labels = splits["test"]
-    device = pick_device("auto")
+    device = pick_device("auto", logger=log)
     model, meta = load_model(args.model, map_location=device)
     check_compatible(meta, classes, images.shape[1:], args.model, data)
 
@@ -242,6 +243,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     summary = metrics_summary(result, source=str(stats.get("source", "unknown")),
                               n_classes=len(classes), device=describe_device(device),
                               tta_flip=p.tta_flip)
+    # flip + translate TTA (airbench94's 6 views) beside the plain score, for any model
+    summary["test"]["accuracy_tta"] = round(
+        tta_accuracy(model, images, labels, p.batch_size, device), 6)
 
     metrics_dir = Path(args.metrics)
     metrics_dir.mkdir(parents=True, exist_ok=True)

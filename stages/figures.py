@@ -209,13 +209,15 @@ def confusion_figure(cm: np.ndarray, classes: Sequence[str], dpi: int) -> Figure
     return fig
 
 
-def filters_figure(weights: np.ndarray, dpi: int) -> Figure:
-    """The learned first-layer convolution filters as small RGB images."""
+def filters_figure(weights: np.ndarray, dpi: int,
+                   title: str = "Learned first-layer filters") -> Figure:
+    """The first-layer convolution filters as small RGB images (``title`` says what they are:
+    learned, or an airbench net's fixed whitening)."""
     rgb = filters_to_rgb(weights)
     rows, cols = grid_shape(len(rgb), 8)
     k = weights.shape[-1]
     fig = new_figure(1.3 * cols + 0.3, 1.4 * rows + 0.6, dpi)
-    fig.suptitle(f"Learned first-layer filters ({len(rgb)} × {weights.shape[1]}×{k}×{k}, "
+    fig.suptitle(f"{title} ({len(rgb)} × {weights.shape[1]}×{k}×{k}, "
                  "each scaled to its own range)")
     for idx, ax in enumerate(fig.subplots(rows, cols, squeeze=False).flat):
         ax.axis("off")

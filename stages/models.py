@@ -57,16 +57,28 @@ class SeedNet(nn.Module):
 
 
 class ConvGroup(nn.Module):
-    """conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU (airbench's block)."""
+    """conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU (airbench's block).
 
-    def __init__(self, c_in: int, c_out: int) -> None:
+    ``airbench94=True`` is that recipe's exact block: BatchNorm eps 1e-12 with its scale
+    frozen at 1 (only the bias learns), and each conv's first ``c_in`` filters initialised
+    to the identity (``dirac_``), an implicit residual at the start of training.
+    """
+
+    def __init__(self, c_in: int, c_out: int, airbench94: bool = False) -> None:
         super().__init__()
+        eps = 1e-12 if airbench94 else 1e-5
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding="same", bias=False)
         self.pool = nn.MaxPool2d(2)
-        self.norm1 = nn.BatchNorm2d(c_out, momentum=0.4)
+        self.norm1 = nn.BatchNorm2d(c_out, eps=eps, momentum=0.4)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding="same", bias=False)
-        self.norm2 = nn.BatchNorm2d(c_out, momentum=0.4)
+        self.norm2 = nn.BatchNorm2d(c_out, eps=eps, momentum=0.4)
         self.act = nn.GELU()
+        if airbench94:
+            for conv in (self.conv1, self.conv2):
+                with torch.no_grad():
+                    nn.init.dirac_(conv.weight[:conv.in_channels])
+            for norm in (self.norm1, self.norm2):
+                norm.weight.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.norm1(self.pool(self.conv1(x))))
@@ -80,15 +92,18 @@ class AirNet(nn.Module):
     patches' eigenvectors (:meth:`init_whitening`) and frozen, so the later layers see
     decorrelated input from the first step; the logits are scaled down (``1/9``) to keep the
     early softmax soft. ``widths`` sizes it: ``air_small`` for CPUs, ``airbench`` for GPUs.
+    ``airbench94=True`` (arch ``airbench94``) takes that recipe's blocks (see
+    :class:`ConvGroup`); its final ``MaxPool2d(3)`` on the 3x3 map is the global max here.
     """
 
-    def __init__(self, num_classes: int = 10, widths: Sequence[int] = (64, 256, 256)) -> None:
+    def __init__(self, num_classes: int = 10, widths: Sequence[int] = (64, 256, 256),
+                 airbench94: bool = False) -> None:
         super().__init__()
         self.whiten = nn.Conv2d(3, 24, kernel_size=2, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)
         self.groups = nn.Sequential(
-            ConvGroup(24, widths[0]), ConvGroup(widths[0], widths[1]),
-            ConvGroup(widths[1], widths[2]),
+            ConvGroup(24, widths[0], airbench94), ConvGroup(widths[0], widths[1], airbench94),
+            ConvGroup(widths[1], widths[2], airbench94),
         )
         self.head = nn.Linear(widths[2], num_classes, bias=False)
         self.act = nn.GELU()
@@ -120,6 +135,8 @@ ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
     # CPU-sized: 0.29M trainable params; the GPU-sized airbench94 layout below has 1.97M
     "air_small": lambda n: AirNet(n, widths=(32, 64, 128)),
     "airbench": lambda n: AirNet(n, widths=(64, 256, 256)),
+    # KellerJordan/cifar10-airbench airbench94.py's network exactly (frozen BN scales, ...)
+    "airbench94": lambda n: AirNet(n, widths=(64, 256, 256), airbench94=True),
 }
 
 
@@ -130,6 +147,14 @@ def build_model(arch: str, num_classes: int, mean: Sequence[float],
         raise UserError(f"train.model: unknown model '{arch}'; "
                         f"choose one of: {', '.join(sorted(ARCHITECTURES))}")
     return nn.Sequential(InputNorm(mean, std), ARCHITECTURES[arch](num_classes))
+
+
+def first_layer_title(model: nn.Module) -> str:
+    """What the first conv's filters are, for a figure's title: learned, or the fixed
+    whitening of an airbench-style net."""
+    if any(isinstance(m, AirNet) for m in model.modules()):
+        return "First-layer whitening filters (fixed from the training images' 2×2 patches)"
+    return "Learned first-layer filters"
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -80,11 +80,12 @@ class NormalizeParams(_Group):
 
 # ---------------------------------------------------------------------- train
 class TrainParams(_Group):
-    """Model and optimisation (``train.*``)."""
+    """Model and optimisation (``train.*``); ``stages/recipe.py`` names the presets."""
 
     model: str = "seed_net"
     device: str = "auto"
-    epochs: int = Field(10, gt=0, le=10_000)
+    epochs: int | float = Field(10, gt=0, le=10_000,
+                                description="a fraction ends the last epoch early")
     batch_size: int = Field(256, gt=0, le=MAX_BATCH)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     # no upper bound: no lr crashes anything, and one too large for the model is caught as
@@ -92,10 +93,24 @@ class TrainParams(_Group):
     lr: float = Field(0.004, gt=0, allow_inf_nan=False)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0, le=1)
-    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    decay_all: bool = Field(False, description="weight decay on biases and norms too")
+    bias_lr_scale: float = Field(1.0, gt=0, le=10_000,
+                                 description="lr factor for BatchNorm biases")
+    schedule: Literal["onecycle", "cosine", "constant", "triangle"] = "onecycle"
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     augment_flip: bool = True
+    flip_mode: Literal["random", "alternating"] = "random"
     augment_crop: int = Field(2, ge=0, le=16, description="random-crop padding in pixels; 0 = off")
+    crop_fill: Literal["zeros", "reflect"] = "zeros"
+    whiten_bias_epochs: int | None = Field(None, ge=0, le=10_000,
+                                           description="null = train it throughout")
+    lookahead: bool = False
+    lookahead_start: int = Field(3, ge=0, le=10_000,
+                                 description="first epoch (0-based) of lookahead")
+    lookahead_every: int = Field(5, gt=0, le=1_000_000,
+                                 description="steps between lookahead updates")
+    lookahead_decay: float = Field(0.95, gt=0, lt=1)
+    lookahead_power: float = Field(3.0, ge=0, le=100)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] | bool = "auto"
     compile: Literal["auto", "on", "off"] | bool = "auto"

@@ -50,6 +50,7 @@ class PlotInputs:
     loss_history: tuple[list[float], list[float]]  # iterations, losses
     accuracy: dict[str, tuple[list[float], list[float]]]  # split -> epochs, accuracy
     first_filters: np.ndarray  # out x in x k x k weights of the model's first conv layer
+    filters_title: str = "Learned first-layer filters"  # what they are (models.first_layer_title)
 
 
 def nhwc(images: np.ndarray) -> np.ndarray:
@@ -83,7 +84,7 @@ def make_figures(inp: PlotInputs, p: PlotParams) -> dict[str, Figure]:
                                               f"test image {k}: {names[inp.test_labels[k]]}"),
         "max_pooling": figures.max_pooling_figure(p.dpi),
         "confusion_matrix": figures.confusion_figure(inp.confusion, names, p.dpi),
-        "filters": figures.filters_figure(inp.first_filters, p.dpi),
+        "filters": figures.filters_figure(inp.first_filters, p.dpi, inp.filters_title),
         "most_confident_wrong": figures.wrong_grid_figure(wrong_images, inp.wrong, names, p.dpi),
     }
 
@@ -165,7 +166,8 @@ def read_wrong(path: Path, n_test: int) -> list[dict[str, Any]]:
 def load_inputs(data: Path, raw: Path, model_path: Path, eval_dir: Path, metrics: Path,
                 live: Path, n_train: int) -> PlotInputs:
     """Read what the figures need from the pipeline's files."""
-    from stages.models import load_model  # torch: only for the model's first-layer filters
+    # torch: only for the model's first-layer filters
+    from stages.models import first_layer_title, load_model
 
     stats, processed = read_processed(data, ("test",))
     _, raw_splits = read_raw(raw, ("train",))
@@ -183,7 +185,7 @@ def load_inputs(data: Path, raw: Path, model_path: Path, eval_dir: Path, metrics
         confusion=read_confusion(metrics / "confusion.json", classes),
         wrong=read_wrong(eval_dir / "wrong.json", len(test_labels)),
         loss_history=read_loss_history(live / LOSS_HISTORY), accuracy=accuracy,
-        first_filters=first_conv_weights(model),
+        first_filters=first_conv_weights(model), filters_title=first_layer_title(model),
     )
 
 

@@ -1,22 +1,23 @@
 """Stage ``train``: data/processed -> models/model.pt, a resumable checkpoint, dvclive logs.
 
-The whole training split lives on the device as uint8; each epoch draws one permutation
-and the augmentation offsets from a seeded generator, and batches are index gathers plus a
-few tensor ops (no DataLoader, no per-sample Python). The core, :func:`fit`, takes arrays
-and params and returns the model and its history; :func:`main` does the files.
+In parts, as airbench's: :class:`~stages.loader.TrainLoader` serves augmented batches of
+the device-resident split; :func:`train_step` is one optimisation step; :func:`fit` is the
+epoch loop (schedule, lookahead, divergence check, validation) and returns the model and its
+history; :func:`main` does the files. The optimizer groups, schedules and presets live in
+:mod:`stages.recipe`, the device policy in :mod:`stages.device`, the run identity in
+:mod:`stages.fingerprint`.
 
 Reproducible: the same params and data give the same weights and ``metrics.json`` bit for
 bit on the CPU. Resumable: after every epoch :func:`main` writes ``checkpoint.pt``
 atomically (weights, optimizer, step, generator state, history and a fingerprint of the
-params and data); a re-run with the same fingerprint continues from it and ends exactly
-where an uninterrupted run would.
+params, data and code); a re-run with the same fingerprint continues from it and ends
+exactly where an uninterrupted run would. Wall-clock times go to the log only, never into
+a tracked output, so a rerun with identical results leaves ``dvc.lock`` unchanged.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import math
 import time
@@ -30,60 +31,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.device import pick_device, set_threads
+from stages.device import Settings, autocast, pick_device, resolve_settings, set_threads
 from stages.errors import UserError, run_cli
+from stages.fingerprint import code_fingerprint, data_fingerprint, run_fingerprint
 from stages.io import atomic_file, read_processed, remove_output
+from stages.loader import TrainLoader
 from stages.models import build_model, save_model
 from stages.params import TrainParams, load_params
+from stages.recipe import (
+    Lookahead,
+    lookahead_decay,
+    lookahead_due,
+    lr_at,
+    make_optimizer,
+    recipe_name,
+    set_lr,
+    whiten_bias_frozen,
+)
 
 log = logging.getLogger("convflow.train")
 
-CHECKPOINT_FORMAT = "convflow-checkpoint/1"
+CHECKPOINT_FORMAT = "convflow-checkpoint/2"
 EVAL_BATCH = 1024
-
-
-# =============================================================================== Setup
-@dataclass(frozen=True)
-class Settings:
-    """What ``auto`` resolved to on this device."""
-
-    precision: str  # fp32 | bf16 | fp16
-    channels_last: bool
-    compile: bool
-
-
-def _on_off(value: str | bool, auto: bool) -> bool:
-    return auto if value == "auto" else value in (True, "on")
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast pays."""
-    cpu = torch.cpu
-    try:
-        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
-    except AttributeError:  # pragma: no cover - older torch
-        return False
-
-
-def resolve_settings(p: TrainParams, device: torch.device) -> Settings:
-    """Turn the ``auto`` params into concrete choices for ``device``.
-
-    Measured for the seed net on a 2-core AVX512-BF16 CPU (see README.md, "Training"):
-    channels-last and bf16 autocast are each faster, torch.compile spends ~30 s compiling
-    and then runs slower. On CUDA bf16 autocast, channels-last and compile are the fast path.
-    """
-    cuda = device.type == "cuda"
-    if p.precision != "auto":
-        precision = p.precision
-    elif cuda:
-        precision = "bf16"
-    else:
-        precision = "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
-    if precision == "fp16" and device.type == "cpu":
-        raise UserError("train.precision: fp16 is not supported on the CPU; use fp32 or bf16")
-    return Settings(precision=precision,
-                    channels_last=_on_off(p.channels_last, auto=True),
-                    compile=_on_off(p.compile, auto=cuda))
 
 
 # =============================================================================== Data
@@ -109,108 +78,6 @@ def load_processed(folder: str | Path) -> Dataset:
     return Dataset(train_x, train_y, val_x, val_y, stats["classes"], stats["mean"], stats["std"])
 
 
-def data_fingerprint(folder: str | Path) -> str:
-    """sha256 over the processed files, so a checkpoint from other data is never resumed."""
-    h = hashlib.sha256()
-    for name in ("train.npz", "val.npz", "stats.json"):
-        path = Path(folder) / name
-        h.update(name.encode())
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-#: The code that decides what a training run computes: a checkpoint made by other code
-#: (another architecture, another loop) is never resumed.
-TRAINING_CODE = ("train.py", "models.py", "device.py", "ddp.py")
-
-
-def code_fingerprint() -> str:
-    """sha256 over the training code files beside this module."""
-    h = hashlib.sha256()
-    for name in TRAINING_CODE:
-        h.update(name.encode())
-        h.update((Path(__file__).parent / name).read_bytes())
-    return h.hexdigest()
-
-
-def run_fingerprint(p: TrainParams, data_hash: str, code_hash: str) -> str:
-    """Identity of a training run: every train param, the data it reads and the code."""
-    blob = json.dumps({"params": p.model_dump(mode="json"), "data": data_hash,
-                       "code": code_hash}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-# =============================================================================== Augmentation
-def draw_augmentation(n: int, p: TrainParams, gen: torch.Generator,
-                      device: torch.device) -> tuple[torch.Tensor | None, ...]:
-    """One epoch's random flips and crop offsets, drawn up front from the seeded generator."""
-    flip = torch.rand(n, generator=gen, device=device) < 0.5 if p.augment_flip else None
-    if p.augment_crop:
-        span = 2 * p.augment_crop + 1
-        dx = torch.randint(0, span, (n,), generator=gen, device=device)
-        dy = torch.randint(0, span, (n,), generator=gen, device=device)
-    else:
-        dx = dy = None
-    return flip, dx, dy
-
-
-def augment(x: torch.Tensor, flip: torch.Tensor | None, dx: torch.Tensor | None,
-            dy: torch.Tensor | None, pad: int) -> torch.Tensor:
-    """Random crop from a zero-padded image, then horizontal flip, as one gather per batch.
-
-    ``x`` is uint8 N x C x H x W; ``dx``/``dy`` in ``[0, 2 * pad]`` are the crop corners in
-    the padded image. One flat gather (with the flip folded into the column index) costs
-    about half of pad + crop + flip done separately.
-    """
-    if flip is None and dx is None:
-        return x
-    n, c, h, w = x.shape
-    rows = torch.arange(h, device=x.device).expand(n, h)
-    cols = torch.arange(w, device=x.device).expand(n, w)
-    if flip is not None:
-        cols = torch.where(flip[:, None], w - 1 - cols, cols)
-    if dx is not None:
-        rows = rows + (dy[:, None] - pad)
-        cols = cols + (dx[:, None] - pad)
-    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
-    offset = rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]
-    out = torch.gather(x.reshape(n, c, h * w), 2, offset.reshape(n, 1, h * w).expand(n, c, h * w))
-    out = out.reshape(n, c, h, w)
-    return out * inside[:, None] if dx is not None else out
-
-
-# =============================================================================== Optimisation
-def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
-    """Adam / AdamW / Nesterov SGD; no weight decay on biases and norm scales (1-D params)."""
-    decay = [q for q in model.parameters() if q.requires_grad and q.ndim > 1]
-    no_decay = [q for q in model.parameters() if q.requires_grad and q.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": p.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    if p.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=p.lr)
-    if p.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=p.lr)
-    return torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum, nesterov=p.momentum > 0)
-
-
-def lr_at(step: int, total: int, p: TrainParams) -> float:
-    """Learning rate at ``step`` of ``total``: one-cycle (up 20%, down to 0), cosine, constant.
-
-    A pure function of the step, so a resumed run needs nothing but the step count.
-    """
-    t = step / max(1, total)
-    if p.schedule == "onecycle":
-        warm = 0.2
-        scale = 0.1 + 0.9 * t / warm if t < warm else max(0.0, (1 - t) / (1 - warm))
-    elif p.schedule == "cosine":
-        scale = 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    else:
-        scale = 1.0
-    return p.lr * scale
-
-
 # =============================================================================== Training
 @dataclass
 class History:
@@ -222,9 +89,13 @@ class History:
 
 @dataclass
 class FitResult:
+    """The trained model (eval mode), its history, what ``auto`` resolved to, and the
+    wall-clock seconds of each epoch this call ran (kept out of the history: not tracked)."""
+
     model: nn.Module
     history: History
     settings: Settings
+    epoch_seconds: list[float] = field(default_factory=list)
 
 
 def _ddp() -> tuple[int, int]:
@@ -246,7 +117,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Setti
         xb = x[i:i + batch]
         if settings.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        with _autocast(x.device, settings):
+        with autocast(x.device, settings):
             out = model(xb).float()
         loss += F.cross_entropy(out, y[i:i + batch], reduction="sum").double()
         correct += (out.argmax(1) == y[i:i + batch]).sum()
@@ -255,11 +126,148 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Setti
     return float(loss) / n, int(correct) / n
 
 
-def _autocast(device: torch.device, settings: Settings) -> Any:
-    if settings.precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+@dataclass
+class Run:
+    """Everything a training run carries from step to step, and its checkpoint state."""
+
+    p: TrainParams
+    model: nn.Module  # the bare model (what is saved)
+    step_model: nn.Module  # what steps: the model, wrapped by DDP and/or torch.compile
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    gen: torch.Generator
+    loader: TrainLoader
+    history: History = field(default_factory=History)
+    lookahead: Lookahead | None = None
+
+    def state(self) -> dict[str, Any]:
+        """A checkpoint of the run after its last finished epoch (CPU tensors, plain data)."""
+        cpu = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        ema = None if self.lookahead is None else {
+            k: v.cpu().clone() for k, v in self.lookahead.ema.items()}
+        return {"model": cpu, "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict(), "generator": self.gen.get_state().cpu(),
+                "epoch": len(self.history.epochs), "lookahead": ema,
+                "history": {"epochs": list(self.history.epochs),
+                            "loss_rows": list(self.history.loss_rows)}}
+
+    def restore(self, state: dict[str, Any]) -> int:
+        """Continue from ``state()`` of an earlier run; return the epoch to start at."""
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.gen.set_state(state["generator"].to(self.gen.get_state().device))
+        self.history = History(list(state["history"]["epochs"]),
+                               list(state["history"]["loss_rows"]))
+        if state.get("lookahead") is not None:
+            self.lookahead = Lookahead(self.model)
+            device = next(iter(self.lookahead.ema.values())).device
+            self.lookahead.ema = {k: v.to(device) for k, v in state["lookahead"].items()}
+        self.loader.epoch = int(state["epoch"])
+        return int(state["epoch"])
+
+
+def setup_run(p: TrainParams, data: Dataset, device: torch.device, settings: Settings,
+              rank: int, world: int) -> tuple[Run, torch.Tensor, torch.Tensor]:
+    """Seed, put the data on the device, build model and optimizer; also the val split."""
+    if device.type == "cpu":
+        # bit-identical reruns on the CPU; on CUDA speed wins (cuDNN picks its kernels)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(p.seed)
+
+    def to_device(x: np.ndarray, labels: bool = False) -> torch.Tensor:
+        arr = np.asarray(x, np.int64) if labels else np.ascontiguousarray(x)
+        return torch.from_numpy(arr).to(device)
+
+    train_x, train_y = to_device(data.train_x), to_device(data.train_y, labels=True)
+    model = build_model(p.model, len(data.classes), data.mean, data.std)
+    if hasattr(model[1], "init_whitening"):
+        model[1].init_whitening(model[0](train_x[:5000].cpu()))
+    layout = torch.channels_last if settings.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=layout)
+    step_model: nn.Module = model
+    if world > 1:
+        step_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if settings.compile:
+        step_model = torch.compile(step_model)
+    gen = torch.Generator(device=device).manual_seed(p.seed)
+    run = Run(p, model, step_model, make_optimizer(model, p),
+              torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16"), gen,
+              TrainLoader(train_x, train_y, p, gen, rank, world, settings.channels_last))
+    return run, to_device(data.val_x), to_device(data.val_y, labels=True)
+
+
+def train_step(run: Run, criterion: nn.Module, xb: torch.Tensor, yb: torch.Tensor,
+               settings: Settings, freeze_whiten_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch; returns the (detached) loss and logits."""
+    with autocast(xb.device, settings):
+        out = run.step_model(xb)
+        loss = criterion(out.float(), yb)
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if freeze_whiten_bias:
+        # no gradient = no update, no momentum, no decay (as requires_grad=False upstream)
+        run.model[1].whiten.bias.grad = None
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    return loss.detach(), out.detach()
+
+
+def check_window(window: torch.Tensor, k: int, step: int, epoch: int, total: int,
+                 p: TrainParams, world: int) -> float:
+    """Mean of the last ``k`` losses (all processes); a non-finite one stops the run.
+
+    One host sync per ``log_every`` steps; the error names the exact step it first appeared.
+    """
+    if world > 1:
+        torch.distributed.all_reduce(window)
+        window /= world
+    values = window[:k].tolist()
+    for j, v in enumerate(values):
+        if not math.isfinite(v):
+            bad = step - (k - 1) + j + 1
+            raise UserError(
+                f"training diverged: the loss became {v} at step {bad} (epoch {epoch + 1}, "
+                f"lr {lr_at(bad - 1, total, p):.3g}); lower train.lr or check the data; "
+                "no model was written")
+    return sum(values) / k
+
+
+def train_epoch(run: Run, epoch: int, total: int, criterion: nn.Module, settings: Settings,
+                world: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One pass of the loader (stopping at ``total`` steps): this process's loss sum and
+    correct count, and the steps taken."""
+    p, steps = run.p, len(run.loader)
+    window = torch.zeros(p.log_every, device=run.loader.x.device)
+    loss_sum = torch.zeros((), device=window.device, dtype=torch.float64)
+    correct = torch.zeros((), device=window.device, dtype=torch.int64)
+    frozen = whiten_bias_frozen(epoch, p)
+    last = min(steps, total - epoch * steps) - 1
+    run.step_model.train()
+    for i, (xb, yb) in enumerate(run.loader):
+        step = epoch * steps + i
+        set_lr(run.opt, lr_at(step, total, p))
+        loss, out = train_step(run, criterion, xb, yb, settings, frozen)
+        window[i % p.log_every] = loss
+        loss_sum += loss.double()
+        correct += (out.argmax(1) == yb).sum()
+        if lookahead_due(epoch, step + 1, p):
+            if run.lookahead is None:
+                run.lookahead = Lookahead(run.model)
+            else:
+                run.lookahead.update(run.model, lookahead_decay(step + 1, total, p))
+        if (i + 1) % p.log_every == 0 or i == last:
+            k = i % p.log_every + 1
+            mean = check_window(window, k, step, epoch, total, p, world)
+            run.history.loss_rows.append({"iteration": step + 1, "loss": round(mean, 6)})
+        if i == last:
+            break
+    if run.lookahead is not None:
+        run.lookahead.update(run.model, 1.0)  # the model ends each epoch at the average
+    return loss_sum, correct, last + 1
 
 
 def fit(p: TrainParams, data: Dataset, device: torch.device, *,
@@ -274,142 +282,46 @@ def fit(p: TrainParams, data: Dataset, device: torch.device, *,
     averages the gradients.
     """
     rank, world = _ddp()
-    settings = resolve_settings(p, device)
-    if device.type == "cpu":
-        # bit-identical reruns on the CPU; on CUDA speed wins (cuDNN picks its kernels)
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    torch.manual_seed(p.seed)
-    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-
-    train_x = torch.from_numpy(np.ascontiguousarray(data.train_x)).to(device)
-    train_y = torch.from_numpy(np.asarray(data.train_y, np.int64)).to(device)
-    val_x = torch.from_numpy(np.ascontiguousarray(data.val_x)).to(device)
-    val_y = torch.from_numpy(np.asarray(data.val_y, np.int64)).to(device)
-
-    model = build_model(p.model, len(data.classes), data.mean, data.std)
-    trunk = model[1]
-    if hasattr(trunk, "init_whitening"):
-        trunk.init_whitening(model[0](train_x[:5000].cpu()))
-    model = model.to(device, memory_format=memory_format)
-    opt = make_optimizer(model, p)
-    scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
-    criterion = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(p.seed)
-
-    n = len(train_x)
-    batch = min(p.batch_size, n)
-    if batch % world:
-        raise UserError(f"train.batch_size: {p.batch_size} does not split evenly over "
-                        f"train.nproc={world} processes; use a multiple of {world}")
-    steps_per_epoch = n // batch  # drop the ragged last batch: one shape for the whole run
-    total_steps = steps_per_epoch * p.epochs
-    history = History()
-    start_epoch = 0
+    settings = resolve_settings(device, p.precision, p.channels_last, p.compile)
+    run, val_x, val_y = setup_run(p, data, device, settings, rank, world)
+    steps = len(run.loader)
+    total = math.ceil(steps * p.epochs)  # a fractional epoch count ends the last one early
+    start = run.restore(resume) if resume is not None else 0
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
-        gen.set_state(resume["generator"].to(gen.get_state().device))
-        history = History(list(resume["history"]["epochs"]),
-                          list(resume["history"]["loss_rows"]))
-        start_epoch = int(resume["epoch"])
-        log.info("resuming after epoch %d of %d from the checkpoint", start_epoch, p.epochs)
-
-    step_model: nn.Module = model
-    if world > 1:
-        step_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if settings.compile:
-        step_model = torch.compile(step_model)
-
-    def state_fn() -> dict[str, Any]:
-        return {"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                "generator": gen.get_state().cpu(), "epoch": len(history.epochs),
-                "history": {"epochs": list(history.epochs), "loss_rows": list(history.loss_rows)}}
-
-    window = torch.zeros(p.log_every, device=device)
-    for epoch in range(start_epoch, p.epochs):
+        log.info("resuming after epoch %d of %d from the checkpoint", start, math.ceil(p.epochs))
+    criterion = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
+    seconds = []
+    for epoch in range(start, math.ceil(p.epochs)):
         t0 = time.perf_counter()
-        step_model.train()
-        perm = torch.randperm(n, device=device, generator=gen)
-        flip, dx, dy = draw_augmentation(n, p, gen, device)
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        for i in range(steps_per_epoch):
-            step = epoch * steps_per_epoch + i
-            lo, hi = i * batch + rank * (batch // world), i * batch + (rank + 1) * (batch // world)
-            idx = perm[lo:hi]
-            xb = augment(train_x[idx], None if flip is None else flip[lo:hi],
-                         None if dx is None else dx[lo:hi], None if dy is None else dy[lo:hi],
-                         p.augment_crop)
-            if settings.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yb = train_y[idx]
-            lr = lr_at(step, total_steps, p)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with _autocast(device, settings):
-                out = step_model(xb)
-                loss = criterion(out.float(), yb)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            loss_d = loss.detach()
-            window[i % p.log_every] = loss_d
-            loss_sum += loss_d.double()
-            correct += (out.detach().argmax(1) == yb).sum()
-            last = i == steps_per_epoch - 1
-            if (i + 1) % p.log_every == 0 or last:
-                # one host sync per log_every steps, which also catches a non-finite loss
-                # and names the exact step where it first appeared
-                k = i % p.log_every + 1
-                if world > 1:
-                    torch.distributed.all_reduce(window)
-                    window /= world
-                values = window[:k].tolist()
-                for j, v in enumerate(values):
-                    if not math.isfinite(v):
-                        bad = step - (k - 1) + j + 1
-                        raise UserError(
-                            f"training diverged: the loss became {v} at step {bad} (epoch "
-                            f"{epoch + 1}, lr {lr_at(bad - 1, total_steps, p):.3g}); lower "
-                            "train.lr or check the data; no model was written")
-                history.loss_rows.append({"iteration": step + 1,
-                                          "loss": round(sum(values) / k, 6)})
+        loss_sum, correct, taken = train_epoch(run, epoch, total, criterion, settings, world)
         if world > 1:
             stats = torch.stack([loss_sum, correct.double()])
             torch.distributed.all_reduce(stats)
             loss_sum, correct = stats[0], stats[1]
-        seen = steps_per_epoch * batch
         record: dict[str, float] = {"epoch": epoch + 1,
-                                    "train/loss": round(float(loss_sum) / (steps_per_epoch
-                                                                           * world), 6),
-                                    "train/acc": round(float(correct) / seen, 6)}
+                                    "train/loss": round(float(loss_sum) / (taken * world), 6),
+                                    "train/acc": round(float(correct) / (taken * run.loader.batch),
+                                                       6)}
         if rank == 0 and len(val_x):
-            val_loss, val_acc = evaluate(model, val_x, val_y, settings)
+            val_loss, val_acc = evaluate(run.model, val_x, val_y, settings)
             record.update({"val/loss": round(val_loss, 6), "val/acc": round(val_acc, 6)})
-        record["lr"] = lr_at((epoch + 1) * steps_per_epoch - 1, total_steps, p)
+        record["lr"] = lr_at(min(total, (epoch + 1) * steps) - 1, total, p)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        record["epoch_time"] = round(time.perf_counter() - t0, 4)
-        history.epochs.append(record)
-        log.info("epoch %d/%d  %s", epoch + 1, p.epochs,
-                 "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
+        seconds.append(time.perf_counter() - t0)
+        run.history.epochs.append(record)
+        log.info("epoch %d/%d  %s  (%.2f s)", epoch + 1, math.ceil(p.epochs),
+                 "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"),
+                 seconds[-1])
         if on_epoch is not None:
-            on_epoch(record, state_fn)
-    return FitResult(model.eval(), history, settings)
+            on_epoch(record, run.state)
+    return FitResult(run.model.eval(), run.history, settings, seconds)
 
 
 # =============================================================================== Logging
 #: Series logged per epoch (step = epoch) under dvclive's plots/metrics/.
-SERIES = ("train/loss", "train/acc", "val/loss", "val/acc", "lr", "epoch_time")
-#: Kept out of metrics.json so identical runs have identical summaries (wall time differs).
-NOT_IN_SUMMARY = ("epoch_time",)
+#: No wall-clock series: it would change every run, and with it dvc.lock and the plot stage.
+SERIES = ("train/loss", "train/acc", "val/loss", "val/acc", "lr")
 
 
 class LiveLog:
@@ -429,14 +341,11 @@ class LiveLog:
             if name in record:
                 self.live.log_metric(name, record[name])
 
-    def finish(self, history: History, extra: dict[str, Any]) -> None:
+    def finish(self, history: History) -> None:
         """Write the per-iteration loss history and the final summary."""
         if history.loss_rows:
             self.live.log_plot("loss_history", history.loss_rows, x="iteration", y="loss",
                                title="training loss per iteration")
-        self.live.summary.update(extra)
-        for name in NOT_IN_SUMMARY:
-            self.live.summary.pop(name, None)
         self.live.make_summary()
         self.live.end()
 
@@ -462,7 +371,7 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
 
 
 def train_process(data_dir: str, model_path: str, checkpoint_path: str, live_dir: str,
-                  p: TrainParams, device_name: str) -> dict[str, Any]:
+                  p: TrainParams, device_name: str) -> FitResult:
     """Everything one training process does (rank 0 of several writes the outputs)."""
     rank, world = _ddp()
     device = torch.device(device_name)
@@ -472,8 +381,6 @@ def train_process(data_dir: str, model_path: str, checkpoint_path: str, live_dir
     data = load_processed(data_dir)
     fingerprint = run_fingerprint(p, data_fingerprint(data_dir), code_fingerprint())
     resume = load_checkpoint(Path(checkpoint_path), fingerprint)
-    if resume is not None and int(resume["epoch"]) > p.epochs:
-        resume = None
     live = LiveLog(live_dir) if rank == 0 else None
     if live is not None and resume is not None:
         for record in resume["history"]["epochs"]:
@@ -498,15 +405,15 @@ def train_process(data_dir: str, model_path: str, checkpoint_path: str, live_dir
         with atomic_file(model_path) as tmp:
             save_model(tmp, result.model, arch=p.model, classes=data.classes, mean=data.mean,
                        std=data.std, extra={
-                           "params": p.model_dump(mode="json"),
+                           "recipe": recipe_name(p), "params": p.model_dump(mode="json"),
                            "settings": vars(result.settings),
                            "data": {"n_train": len(data.train_x), "n_val": len(data.val_x),
                                     "fingerprint": fingerprint},
                            "metrics": summary, "device": device.type, "nproc": world})
-        live.finish(result.history, {})
-        log.info("trained %s for %d epochs in %.1f s (this run); val acc %s -> %s", p.model,
+        live.finish(result.history)
+        log.info("trained %s for %s epochs in %.1f s (this run); val acc %s -> %s", p.model,
                  p.epochs, seconds, final.get("val/acc"), model_path)
-    return final
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -520,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = load_params().train
     # no stale model may survive a failed or interrupted run looking valid
     remove_output(args.model)
-    device = pick_device(p.device)
+    device = pick_device(p.device, logger=log, param="train.device")
     threads = set_threads(p.threads, p.nproc)
     log.info("torch %s, %d CPU thread(s) per process, %d process(es)", torch.__version__,
              threads, p.nproc)

@@ -157,7 +157,7 @@ def test_main_writes_small_committed_metrics_and_cached_rows(tmp_path: Path,
 
     summary = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
     assert set(summary["test"]) == {"accuracy", "loss", "macro_precision", "macro_recall",
-                                    "macro_f1"}
+                                    "macro_f1", "accuracy_tta"}
     assert summary["dataset"] == {"source": "synthetic", "n_test": 30, "n_classes": 3}
     assert summary["device"] == "cpu" and summary["tta_flip"] is False
     per_class = json.loads((tmp_path / "metrics" / "per_class.json").read_text())

@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from stages.errors import UserError
-from stages.models import ARCHITECTURES, build_model, count_parameters, load_model, save_model
+from stages.models import (
+    ARCHITECTURES,
+    build_model,
+    count_parameters,
+    first_layer_title,
+    load_model,
+    save_model,
+)
 
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
 
@@ -95,3 +102,33 @@ def test_model_file_round_trip_weights_only(tmp_path: Path) -> None:
 def test_unknown_model_name_lists_the_choices() -> None:
     with pytest.raises(UserError, match="train.model.*seed_net"):
         build_model("resnet9000", 10, MEAN, STD)
+
+
+@pytest.mark.parametrize(("arch", "title"), [
+    ("seed_net", "Learned first-layer filters"),
+    ("air_small", "First-layer whitening filters (fixed"),
+    ("airbench94", "First-layer whitening filters (fixed"),
+])
+def test_filters_figure_says_what_the_first_conv_is(arch: str, title: str) -> None:
+    from stages import figures
+    from stages.plot import first_conv_weights
+
+    model = build_model(arch, 10, MEAN, STD)
+    fig = figures.filters_figure(first_conv_weights(model), 40, first_layer_title(model))
+    assert fig.texts[0].get_text().startswith(title)
+    # the airbench nets' first conv is the frozen whitening, not a learned layer
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert first.weight.requires_grad == (arch == "seed_net")
+
+
+def test_airbench94_blocks_are_the_recipes() -> None:
+    """BatchNorm scales frozen at 1 with eps 1e-12; convs start as identity on c_in filters."""
+    model = build_model("airbench94", 10, MEAN, STD)
+    group = model[1].groups[0]
+    assert not group.norm1.weight.requires_grad and group.norm1.bias.requires_grad
+    assert group.norm1.eps == 1e-12 and group.norm1.momentum == 0.4
+    w = group.conv2.weight  # 64 -> 64: filter i copies input channel i
+    assert torch.equal(w[3, 3], torch.tensor([[0., 0, 0], [0, 1, 0], [0, 0, 0]]))
+    assert torch.equal(w[3, 4], torch.zeros(3, 3))
+    assert count_parameters(model) == count_parameters(build_model("airbench", 10, MEAN, STD)) \
+        - sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.BatchNorm2d))

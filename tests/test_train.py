@@ -17,9 +17,11 @@ from train_data import learnable_images, write_processed, write_train_params
 
 from stages.device import pick_device
 from stages.errors import UserError
+from stages.loader import augment, draw_augmentation
 from stages.models import load_model
 from stages.params import TrainParams
-from stages.train import augment, draw_augmentation, lr_at, main
+from stages.recipe import lr_at
+from stages.train import main
 
 STAGE_ARGS = ["--data", "proc", "--model", "models/model.pt", "--checkpoint",
               "models/checkpoint.pt", "--live", "dvclive/train"]
@@ -48,7 +50,8 @@ def test_training_lowers_the_loss_and_beats_chance(tmp_path: Path,
     assert metrics["val"]["acc"] > 0.5  # chance is 0.1
     assert metrics["step"] == 3
     series = tmp_path / "dvclive/train/plots/metrics"
-    for name in ("train/loss", "train/acc", "val/loss", "val/acc", "lr", "epoch_time"):
+    assert not (series / "epoch_time.tsv").exists()  # wall time is never a tracked output
+    for name in ("train/loss", "train/acc", "val/loss", "val/acc", "lr"):
         lines = (series / f"{name}.tsv").read_text().splitlines()
         assert lines[0] == f"step\t{name.split('/')[-1]}" and len(lines) == 4, name
     model, meta = load_model(tmp_path / "models/model.pt")
@@ -125,7 +128,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(UserError, match="train.device.*no usable CUDA"):
-        pick_device("cuda")
+        pick_device("cuda", logger=logging.getLogger("t"), param="train.device")
     write_processed(tmp_path / "proc", n_train=64, n_val=16)
     write_train_params(tmp_path, device="cuda")
     proc = subprocess.run([sys.executable, "-m", "stages.train", *STAGE_ARGS], cwd=tmp_path,

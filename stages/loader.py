@@ -1,0 +1,114 @@
+"""The training split on the device, served as augmented batches (as airbench's loader).
+
+The whole split stays on the device as uint8. Each epoch draws one permutation and the
+augmentation (flips, crop offsets) from a seeded generator up front; every batch is then
+one index gather that crops and flips at once: no DataLoader, no per-sample Python. Under
+DDP each process takes its slice of every global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from stages.errors import UserError
+from stages.params import TrainParams
+
+
+def draw_augmentation(n: int, p: TrainParams, gen: torch.Generator,
+                      device: torch.device) -> tuple[torch.Tensor | None, ...]:
+    """One epoch's random flips and crop offsets, drawn up front from the seeded generator."""
+    random_flip = p.augment_flip and p.flip_mode == "random"
+    flip = torch.rand(n, generator=gen, device=device) < 0.5 if random_flip else None
+    if p.augment_crop:
+        span = 2 * p.augment_crop + 1
+        dx = torch.randint(0, span, (n,), generator=gen, device=device)
+        dy = torch.randint(0, span, (n,), generator=gen, device=device)
+    else:
+        dx = dy = None
+    return flip, dx, dy
+
+
+def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
+    """Index ``i`` (may lie up to ``size - 1`` outside) mirrored into ``[0, size)``, as
+    ``F.pad(mode="reflect")``: -1 -> 1, size -> size - 2."""
+    i = i.abs()
+    return torch.where(i >= size, 2 * (size - 1) - i, i)
+
+
+def augment(x: torch.Tensor, flip: torch.Tensor | None, dx: torch.Tensor | None,
+            dy: torch.Tensor | None, pad: int, fill: str = "zeros") -> torch.Tensor:
+    """Random crop from a padded image (``fill``: zeros or reflect), then horizontal flip,
+    as one gather per batch.
+
+    ``x`` is uint8 N x C x H x W; ``dx``/``dy`` in ``[0, 2 * pad]`` are the crop corners in
+    the padded image. One flat gather (with the flip folded into the column index) costs
+    about half of pad + crop + flip done separately.
+    """
+    if flip is None and dx is None:
+        return x
+    n, c, h, w = x.shape
+    rows = torch.arange(h, device=x.device).expand(n, h)
+    cols = torch.arange(w, device=x.device).expand(n, w)
+    if flip is not None:
+        cols = torch.where(flip[:, None], w - 1 - cols, cols)
+    if dx is not None:
+        rows = rows + (dy[:, None] - pad)
+        cols = cols + (dx[:, None] - pad)
+    zeros = dx is not None and fill == "zeros"
+    if zeros:
+        inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+        rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
+    elif dx is not None:
+        rows, cols = _reflect(rows, h), _reflect(cols, w)
+    offset = rows[:, :, None] * w + cols[:, None, :]
+    out = torch.gather(x.reshape(n, c, h * w), 2, offset.reshape(n, 1, h * w).expand(n, c, h * w))
+    out = out.reshape(n, c, h, w)
+    return out * inside[:, None] if zeros else out
+
+
+class TrainLoader:
+    """This process's augmented batches of the device-resident training split.
+
+    ``len(loader)`` steps per epoch (the ragged last batch is dropped: one shape for the
+    whole run). ``flip_mode: alternating`` is airbench94's: each image gets one random flip
+    for the whole run, inverted on every odd epoch, so consecutive epochs see both sides.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, p: TrainParams, gen: torch.Generator,
+                 rank: int = 0, world: int = 1, channels_last: bool = False) -> None:
+        self.x, self.y, self.p, self.gen = x, y, p, gen
+        self.batch = min(p.batch_size, len(x))
+        if self.batch % world:
+            raise UserError(f"train.batch_size: {p.batch_size} does not split evenly over "
+                            f"train.nproc={world} processes; use a multiple of {world}")
+        self.rank, self.world, self.channels_last = rank, world, channels_last
+        self.pad, self.fill = p.augment_crop, p.crop_fill
+        self.epoch = 0  # the epoch the next iteration serves
+        self.base_flip = None
+        if p.augment_flip and p.flip_mode == "alternating":
+            # its own generator: the same flips whether or not the run was resumed
+            fixed = torch.Generator(device=x.device).manual_seed(p.seed + 1)
+            self.base_flip = torch.rand(len(x), generator=fixed, device=x.device) < 0.5
+
+    def __len__(self) -> int:
+        return len(self.x) // self.batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, share = len(self.x), self.batch // self.world
+        perm = torch.randperm(n, device=self.x.device, generator=self.gen)
+        flip, dx, dy = draw_augmentation(n, self.p, self.gen, self.x.device)
+        if self.base_flip is not None:
+            flip = (self.base_flip ^ bool(self.epoch % 2))[perm]  # by position, as dx, dy
+        self.epoch += 1
+        for i in range(len(self)):
+            lo = i * self.batch + self.rank * share
+            idx = perm[lo:lo + share]
+            xb = augment(self.x[idx], None if flip is None else flip[lo:lo + share],
+                         None if dx is None else dx[lo:lo + share],
+                         None if dy is None else dy[lo:lo + share],
+                         self.pad, self.fill)
+            if self.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            yield xb, self.y[idx]

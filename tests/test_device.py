@@ -1,0 +1,63 @@
+"""The device helper speaks for the stage that calls it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from train_data import write_processed, write_train_params
+
+from stages.device import pick_device, resolve_settings
+from stages.errors import UserError
+
+
+def test_auto_logs_under_the_callers_logger_and_param(caplog: pytest.LogCaptureFixture
+                                                       ) -> None:
+    caplog.set_level(logging.INFO, logger="convflow")
+    pick_device("auto", logger=logging.getLogger("convflow.evaluate"))
+    pick_device("auto", logger=logging.getLogger("convflow.train"), param="train.device")
+    (ev, tr) = caplog.records
+    assert ev.name == "convflow.evaluate" and "train.device" not in ev.getMessage()
+    assert ev.getMessage().endswith("device (auto)")
+    assert tr.name == "convflow.train" and tr.getMessage().endswith("(train.device: auto)")
+
+
+def test_errors_quote_the_callers_param() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UserError, match=r"^predict.device: 'cuda' was asked for"):
+        pick_device("cuda", logger=logging.getLogger("t"), param="predict.device")
+    with pytest.raises(UserError, match=r"^device: 'tpu' is not a device name"):
+        pick_device("tpu", logger=logging.getLogger("t"))
+
+
+def test_auto_policy_on_the_cpu() -> None:
+    cpu = torch.device("cpu")
+    s = resolve_settings(cpu)
+    assert s.channels_last and not s.compile and s.precision in ("fp32", "bf16")
+    assert resolve_settings(cpu, "fp32", "off", "on") == type(s)("fp32", False, True)
+    with pytest.raises(UserError, match="fp16 is not supported on the CPU"):
+        resolve_settings(cpu, "fp16")
+
+
+def test_evaluate_stage_logs_as_evaluate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    from stages import evaluate, train
+
+    write_processed(tmp_path / "proc", n_train=64, n_val=16)
+    write_train_params(tmp_path, epochs=1, device="auto")
+    monkeypatch.chdir(tmp_path)
+    train.main(["--data", "proc", "--model", "m.pt", "--checkpoint", "c.pt", "--live", "live"])
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="convflow")
+    evaluate.main(["--data", "proc", "--model", "m.pt", "--metrics", "metrics", "--out", "ev"])
+    device_lines = [r for r in caplog.records if "device" in r.getMessage()
+                    and r.getMessage().startswith("using")]
+    assert [r.name for r in device_lines] == ["convflow.evaluate"]
+    assert "train.device" not in caplog.text
+    # and beside the plain accuracy, the flip + translate TTA accuracy (stages.tta)
+    test = json.loads((tmp_path / "metrics/evaluate.json").read_text())["test"]
+    assert {"accuracy", "accuracy_tta"} <= set(test)
