@@ -263,3 +263,37 @@ def test_params_reads_follow_the_params_object_only() -> None:
     visitor.visit(ast.parse(code))
     assert visitor.keys == {"train.lr", "data.synthetic.n_train"}
     assert visitor.loaded_groups == {"data"}
+
+
+def _imported_stage_modules(entry: Path) -> set[Path]:
+    """The ``stages/`` files ``entry`` imports, directly or through each other (any depth)."""
+    seen: set[Path] = set()
+    todo = [entry]
+    while todo:
+        path = todo.pop()
+        if path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if isinstance(node, ast.ImportFrom) and node.module == "stages":
+                names = [f"stages.{a.name}" for a in node.names]  # from stages import figures
+            for name in names:
+                if name.startswith("stages."):
+                    base = PROJECT / name.replace(".", "/")
+                    todo.append(base / "__init__.py" if base.is_dir() else base.with_suffix(".py"))
+    return seen
+
+
+@pytest.mark.parametrize("stage", sorted(_declared_in_dvc_yaml()))
+def test_every_imported_stage_module_is_a_dependency(stage: str) -> None:
+    """A stage re-runs when any code it runs changes: dvc.yaml lists each module it imports."""
+    spec = _declared_in_dvc_yaml()[stage]
+    if spec["entry"] is None:
+        pytest.fail(f"{stage}: its cmd is not `python -m stages.<module>`")
+    listed = set(_stage_sources(spec["deps"]))
+    missing = sorted(str(p.relative_to(PROJECT)) for p in _imported_stage_modules(spec["entry"])
+                     if p.name != "__init__.py" or p.parent.name != "stages")
+    missing = [m for m in missing if PROJECT / m not in listed]
+    assert not missing, f"dvc.yaml stage '{stage}' runs code it does not list in deps: {missing}"
