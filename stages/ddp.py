@@ -13,7 +13,9 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,8 +40,12 @@ def backend_for(device: torch.device) -> str:
 
 
 def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, backend: str,
-           threads: int, args: tuple[Any, ...]) -> None:
-    """Body of each spawned process: join the group, run ``fn(*args)``, leave."""
+           threads: int, args: tuple[Any, ...], errors: str) -> None:
+    """Body of each spawned process: join the group, run ``fn(*args)``, leave.
+
+    A user error is also written to ``errors/<rank>``: when one process stops, the others
+    crash in their next collective, and ``mp.spawn`` reports whichever exit it saw first.
+    """
     setup_logging()
     torch.set_num_threads(threads)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -49,6 +55,7 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, backend: st
         fn(*args)
     except UserError as err:
         log.error("error (process %d): %s", rank, err)
+        (Path(errors) / str(rank)).write_text(str(err))
         sys.exit(USER_ERROR_EXIT)
     finally:
         dist.destroy_process_group()
@@ -64,11 +71,21 @@ def launch(fn: Callable[..., Any], nproc: int, device: torch.device, args: tuple
         raise UserError("train.nproc > 1 is not supported on Apple MPS; set train.nproc: 1")
     backend = backend_for(device)
     log.info("starting %d DDP processes (%s backend)", nproc, backend)
-    try:
-        mp.spawn(_entry, args=(fn, nproc, free_port(), backend, threads, args), nprocs=nproc,
-                 join=True)
-    except mp.ProcessExitedException as err:
-        if err.exit_code == USER_ERROR_EXIT:
-            raise UserError(f"DDP process {err.error_index} stopped (see its error above)"
-                            ) from None
-        raise
+    with tempfile.TemporaryDirectory(prefix="convflow-ddp-") as errors:
+        try:
+            mp.spawn(_entry, args=(fn, nproc, free_port(), backend, threads, args, errors),
+                     nprocs=nproc, join=True)
+        except (mp.ProcessExitedException, mp.ProcessRaisedException) as err:
+            failed = first_user_error(Path(errors))
+            if failed is not None:
+                raise UserError(f"DDP process {failed[0]}: {failed[1]}") from None
+            if getattr(err, "exit_code", None) == USER_ERROR_EXIT:
+                raise UserError(f"DDP process {err.error_index} stopped (see its error above)"
+                                ) from None
+            raise
+
+
+def first_user_error(errors: Path) -> tuple[int, str] | None:
+    """(rank, message) of the process whose user error came first, if any did."""
+    found = sorted(errors.iterdir(), key=lambda f: (f.stat().st_mtime_ns, int(f.name)))
+    return (int(found[0].name), found[0].read_text()) if found else None

@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from train_data import learnable_images, write_processed, write_train_params
 
 from stages.ddp import launch
+from stages.errors import UserError
 from stages.models import build_model, load_model
 from stages.train import main
 
@@ -28,6 +29,19 @@ def _gradient_worker(out_dir: str, x: torch.Tensor, y: torch.Tensor) -> None:
     n = len(x) // world
     F.cross_entropy(ddp(x[rank * n:(rank + 1) * n]), y[rank * n:(rank + 1) * n]).backward()
     torch.save({k: p.grad for k, p in model.named_parameters()}, Path(out_dir) / f"{rank}.pt")
+
+
+def _fail_on_rank_one() -> None:
+    """Rank 1 meets a user error; rank 0 waits in a collective and crashes when 1 leaves."""
+    if dist.get_rank() == 1:
+        raise UserError("data/processed/train.npz: bad shard")
+    dist.barrier()
+    dist.all_reduce(torch.ones(1))
+
+
+def test_ddp_names_the_process_that_failed() -> None:
+    with pytest.raises(UserError, match=r"^DDP process 1: data/processed/train.npz: bad shard$"):
+        launch(_fail_on_rank_one, 2, torch.device("cpu"), (), threads=1)
 
 
 def _single_process_gradient(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
