@@ -406,6 +406,49 @@ def ensure_crash_detection() -> None:
 
 # ---------------------------------------------------------------------------- the flow
 
+def _stage_error(name: str, state: Any) -> StageFailed:
+    """The failure a stage task's final state holds, as a :class:`StageFailed`."""
+    try:
+        state.result()
+        return StageFailed(name, state.message or "failed", None, False)
+    except StageFailed as exc:
+        return exc
+    except ServerLost:
+        raise  # nothing more can be recorded: end the run now
+    except Exception as exc:
+        return StageFailed(name, f"{type(exc).__name__}: {exc}", None, False)
+
+
+def run_stages(nodes: list[StageNode], repo_root: Path, stage_task: Any,
+               **options: Any) -> tuple[list[dict[str, Any]], dict[str, StageFailed]]:
+    """Each stage as a task, in DVC's order; a stage whose upstream failed is not run.
+
+    Returns the per-stage summary rows and the failures by stage name.
+    """
+    states: dict[str, Any] = {}
+    summary: list[dict[str, Any]] = []
+    failed: dict[str, StageFailed] = {}
+    for node in nodes:
+        blocked = sorted(node.upstream & failed.keys())
+        if blocked:
+            # DVC would not run it either: its inputs are missing or stale
+            summary.append({"stage": node.name, "status": f"not run ({blocked[0]} failed)",
+                            "seconds": 0.0})
+            continue
+        # DVC holds one lock per repository, so stages run one at a time, in order
+        state = stage_task(node.name, str(repo_root), return_state=True, **options,
+                           wait_for=[states[u] for u in sorted(node.deps) if u in states])
+        states[node.name] = progress.edge(state)  # the DVC edges become the run graph's edges
+        if state.is_completed():
+            summary.append(state.result())
+            continue
+        failed[node.name] = _stage_error(node.name, state)
+        summary.append({"stage": node.name, "status": "failed", "seconds": None,
+                        "error": failed[node.name].message})
+    return summary, failed
+
+
+
 @flow(name="convflow-pipeline", log_prints=False)
 def pipeline(root: str | None = None, force: bool = False, timeout_s: float | None = None,
              retries: int = 2, retry_delay_s: float = 10.0,
@@ -434,39 +477,8 @@ def pipeline(root: str | None = None, force: bool = False, timeout_s: float | No
     nodes = stage_graph(repo_root)
     log.info("stages in DVC order: %s", ", ".join(n.name for n in nodes))
     registry.refresh_baseline(repo_root, log)  # guardrails: the gate's production baseline
-    edges = {n.name: n.deps for n in nodes}  # the direct DVC edges, as the run graph's
-    states: dict[str, Any] = {}
-
-    summary: list[dict[str, Any]] = []
-    failed: dict[str, StageFailed] = {}
-    for node in nodes:
-        blocked = sorted(node.upstream & failed.keys())
-        if blocked:
-            # DVC would not run it either: its inputs are missing or stale
-            summary.append({"stage": node.name, "status": f"not run ({blocked[0]} failed)",
-                            "seconds": 0.0})
-            continue
-        # DVC holds one lock per repository, so stages run one at a time, in order
-        state = stage_task(node.name, str(repo_root), timeout_s=timeout_s, force=force,
-                           retry_stages=retry_stages, return_state=True,
-                           wait_for=[states[u] for u in sorted(edges[node.name]) if u in states])
-        states[node.name] = progress.edge(state)  # the DVC edges become the run graph's edges
-        if state.is_completed():
-            summary.append(state.result())
-            continue
-        try:
-            state.result()
-            error = StageFailed(node.name, state.message or "failed", None, False)
-        except StageFailed as exc:
-            error = exc
-        except ServerLost:
-            raise  # nothing more can be recorded: end the run now
-        except Exception as exc:
-            error = StageFailed(node.name, f"{type(exc).__name__}: {exc}", None, False)
-        failed[node.name] = error
-        summary.append({"stage": node.name, "status": "failed", "seconds": None,
-                        "error": error.message})
-
+    summary, failed = run_stages(nodes, repo_root, stage_task, timeout_s=timeout_s,
+                                 force=force, retry_stages=retry_stages)
     try:
         publish_artifacts(repo_root, summary)
     finally:
