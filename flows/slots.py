@@ -11,7 +11,8 @@ Configured by environment, so deployments, workers and ``serve`` share it:
 * ``CONVFLOW_SLOT``: the limit's name (default ``convflow-gpu``; ``off`` disables slots);
 * ``CONVFLOW_SLOT_SIZE``: its size when this code creates it (default: the number of GPUs,
   at least 1); an existing limit keeps its size (``prefect gcl update NAME --limit N``);
-* ``CONVFLOW_SLOT_STAGES``: the pipeline stages that take a slot (default ``train``).
+* ``CONVFLOW_SLOT_STAGES``: the pipeline stages that take a slot (default ``train``);
+* ``CONVFLOW_SLOT_NOTICE_S``: seconds without a slot before a run logs that it waits (2).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 DEFAULT_SLOT = "convflow-gpu"
 #: Seconds a slot outlives a holder that died without releasing it (renewed while alive).
 LEASE_S = 60.0
-#: Seconds without a slot after which a run logs that it waits.
+#: Seconds without a slot after which a run logs that it waits (CONVFLOW_SLOT_NOTICE_S).
 WAIT_NOTICE_S = 2.0
 
 
@@ -91,7 +92,8 @@ def slot(log: Any, what: str) -> Iterator[None]:
     waited = time.monotonic()
     # said only if the slot is not granted at once (a first try with a timeout would make
     # Prefect log an error)
-    notice = threading.Timer(WAIT_NOTICE_S, log.info, args=(
+    notice_s = float(os.environ.get("CONVFLOW_SLOT_NOTICE_S", WAIT_NOTICE_S))
+    notice = threading.Timer(notice_s, log.info, args=(
         "%s waits for a slot of '%s' (%d/%d in use)", what, name, limit.limit, limit.limit))
     notice.daemon = True
     notice.start()

@@ -30,14 +30,15 @@ def _train_stage(code: str, outs: list[str]) -> dict[str, Any]:
 
 
 # a 'train' stage that records when it really ran (wall clock)
-TIMED_TRAIN = ("import time; t0 = time.time(); time.sleep(3); "
+# long enough that the run started beside it arrives while it holds the slot
+TIMED_TRAIN = ("import time; t0 = time.time(); time.sleep(6); "
                "open('times.txt', 'w').write(f'{t0} {time.time()}')")
 
 
 def test_training_stages_share_one_slot_never_overlap_and_free_it(prefect_api, tmp_path):
     slot = f"test-gpu-{uuid.uuid4().hex[:8]}"
     env = {**api_env(), "CONVFLOW_SLOT": slot, "CONVFLOW_SLOT_SIZE": "1",
-           "PREFECT_LOGGING_LEVEL": "INFO"}
+           "CONVFLOW_SLOT_NOTICE_S": "0.2", "PREFECT_LOGGING_LEVEL": "INFO"}
     repos = [make_toy_repo(tmp_path / f"r{i}", {"train": _train_stage(TIMED_TRAIN,
                                                                         ["times.txt"])})
              for i in (1, 2)]
