@@ -382,7 +382,7 @@ def ensure_crash_detection() -> None:
         for_each={"prefect.resource.id"},
         posture=Posture.Proactive,
         threshold=1,
-        within=timedelta(seconds=2 * max(every, 30) + 10),
+        within=timedelta(seconds=2 * max(every, 30) + 10),  # Prefect allows no period < 30 s
     )
     try:
         existing = Automation.read(name=CRASH_AUTOMATION)
