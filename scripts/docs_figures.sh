@@ -17,14 +17,14 @@ figures=(loss_history accuracy test_predictions train_images kernels max_pooling
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-cp -r "$root/stages" "$root/dvc.yaml" "$root/params.yaml" "$work/"
+cp -r "$root/stages" "$root/dvc.yaml" "$root/params.yaml" "$root/production.yaml" "$work/"
 cp "$root/.dvcignore" "$work/" 2>/dev/null || true
 cd "$work"
 
 "$python" - "$dpi" <<'PY'
 import sys, yaml
 p = yaml.safe_load(open("params.yaml"))
-p["data"]["source"], p["data"]["path"] = "synthetic", None
+p["data"]["source"], p["data"]["path"] = "synthetic", "data/download"
 p["plot"]["dpi"] = int(sys.argv[1])
 yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
 PY
