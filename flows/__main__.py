@@ -137,6 +137,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UserError(f"--retries must be 0 or more (got {args.retries})")
     if getattr(args, "jobs", 1) < 1:
         raise UserError(f"--jobs must be 1 or more (got {args.jobs})")
+    if getattr(args, "promote", None) and not getattr(args, "commit", False):
+        # only a committed run is registered, so there would be no version to promote
+        raise UserError(f"--promote {args.promote} needs --commit: only a committed run "
+                        "registers a model version")
 
 
 class _ConsoleFilter(logging.Filter):

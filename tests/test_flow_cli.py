@@ -46,6 +46,8 @@ def test_bad_options_and_sweep_values_are_one_line_before_prefect(tmp_path: Path
     assert_one_line(flows_cli("run", "--timeout", "-1", *root), 2,
                     "--timeout must be a positive number")
     assert_one_line(flows_cli("frobnicate"), 2, "invalid choice: 'frobnicate'")
+    assert_one_line(flows_cli("run", "--promote", "prod", *root), 2,
+                    "--promote prod needs --commit")
     assert_one_line(flows_cli("sweep", "-S", "train.lr", *root), 2, "expected key=value")
     # the schema judges every point before any experiment starts
     assert_one_line(flows_cli("sweep", "-S", "train.lr=0.1,abc", *root), 2,
