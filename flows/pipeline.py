@@ -134,8 +134,8 @@ def is_transient(stage: str, status: int | None, timed_out: bool,
     return timed_out and stage.split("@")[0] in retry_stages
 
 
-def _retry_if_transient(task_: Any, task_run: Any, state: Any) -> bool:
-    """Prefect's retry_condition_fn: retry only failures that ``is_transient`` admits."""
+def retry_if_transient(task_: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry_condition_fn: retry only a :class:`StageFailed` marked transient."""
     try:
         state.result()
     except StageFailed as exc:
@@ -270,7 +270,7 @@ def _status_from_output(output: str) -> str:
 
 
 @task(name="dvc-stage", task_run_name="{name}", cache_policy=NO_CACHE,
-      retry_condition_fn=_retry_if_transient)
+      retry_condition_fn=retry_if_transient)
 def run_stage(name: str, root: str, timeout_s: float | None = None, force: bool = False,
               retry_stages: list[str] | None = None) -> dict[str, Any]:
     """Reproduce exactly one DVC stage; report whether it ran or was up to date, and its seconds."""

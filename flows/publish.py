@@ -34,7 +34,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.dvc_adapter import dvc_command, dvc_env
-from flows.pipeline import StageFailed, dvc_failure, run_guarded
+from flows.pipeline import StageFailed, dvc_failure, retry_if_transient, run_guarded
 
 log = logging.getLogger("convflow.publish")
 
@@ -312,26 +312,15 @@ def run_message(kind: str, root: str | Path, run_name: str | None, run_id: Any,
 
 # ---------------------------------------------------------------------------- flow steps
 
-def _retry_if_transient(task_: Any, task_run: Any, state: Any) -> bool:
-    """Prefect's retry_condition_fn: retry a DVC remote failure that may be transient."""
-    try:
-        state.result()
-    except StageFailed as exc:
-        return exc.transient
-    except Exception:
-        return False
-    return False
-
-
 @task(name="dvc-pull", task_run_name="dvc-pull", cache_policy=NO_CACHE,
-      retry_condition_fn=_retry_if_transient)
+      retry_condition_fn=retry_if_transient)
 def pull_task(root: str) -> None:
     """Fetch what the DVC remote has for this commit (stages it lacks are reproduced)."""
     dvc_pull(root)
 
 
 @task(name="dvc-push", task_run_name="dvc-push", cache_policy=NO_CACHE,
-      retry_condition_fn=_retry_if_transient)
+      retry_condition_fn=retry_if_transient)
 def push_task(root: str) -> None:
     """Push every output and the run-cache to the DVC remote."""
     dvc_push(root)
