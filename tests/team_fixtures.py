@@ -203,20 +203,15 @@ def wait_writable(client, timeout_s: float = START_TIMEOUT_S) -> None:
 def object_store(tmp_path_factory: pytest.TempPathFactory):
     """A running SeaweedFS S3 store with the bucket made and its keys in the environment."""
     store = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     try:
         store.start()
-        # the workers and the laptop read the keys from the environment, as in docs/team.md
-        os.environ.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
-        yield store
+        with pytest.MonkeyPatch.context() as env:  # the keys are restored afterwards
+            # the workers and the laptop read the keys from the environment, as in docs/team.md
+            env.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            env.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            yield store
     finally:
         store.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
 
 def make_origin(folder: Path, store: SeaweedFS, prefix: str,
                 overrides: dict | None = None) -> tuple[Path, Path]:
