@@ -11,6 +11,7 @@ from torch import nn
 from stages.errors import UserError
 from stages.models import (
     ARCHITECTURES,
+    MaxPool2x2,
     build_model,
     count_parameters,
     first_layer_title,
@@ -30,8 +31,9 @@ def test_seed_net_layers_and_parameter_count() -> None:
     model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
     for h in hooks:
         h.remove()
-    assert shapes == [(6, 28, 28), (6, 28, 28), (6, 14, 14),
-                      (16, 10, 10), (16, 10, 10), (16, 5, 5), (16, 5, 5),
+    # conv, pool, ReLU (pool first: the same function, see the next test)
+    assert shapes == [(6, 28, 28), (6, 14, 14), (6, 14, 14),
+                      (16, 10, 10), (16, 5, 5), (16, 5, 5), (16, 5, 5),
                       (400,), (120,), (120,), (84,), (84,), (10,)]
     convs = [m for m in trunk.modules() if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
@@ -40,6 +42,61 @@ def test_seed_net_layers_and_parameter_count() -> None:
     assert len(bn) == 1 and count_parameters(bn[0]) == 32
     # the tutorial's 62,006 plus BatchNorm's 32; InputNorm has buffers only
     assert count_parameters(model) == 62_038
+
+
+def _tutorial_net(seed: nn.Module) -> nn.Sequential:
+    """The tutorial's layer order (conv, ReLU, nn.MaxPool2d) with ``seed``'s weights."""
+    f, c = seed.features, seed.classifier
+    return nn.Sequential(f[0], nn.ReLU(), nn.MaxPool2d(2), f[3], nn.ReLU(), nn.MaxPool2d(2),
+                         f[6], c)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_seed_net_is_the_tutorials_function_and_gradients(channels_last: bool) -> None:
+    """Pool-then-ReLU and the fast pool change no value and no gradient, bit for bit."""
+    torch.manual_seed(0)
+    model = build_model("seed_net", 10, MEAN, STD)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8).contiguous(
+        memory_format=layout)
+    y = torch.randint(0, 10, (16,))
+    tutorial = nn.Sequential(model[0], _tutorial_net(model[1]))
+    grads = []
+    for net in (model, tutorial):
+        net.zero_grad()
+        out = net(x)
+        nn.functional.cross_entropy(out, y).backward()
+        grads.append((out.detach(), [p.grad.clone() for p in net.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 6, 28, 28), (2, 5, 31, 31), (2, 3, 7, 6)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_pool_equals_max_pool_2d_with_ties(dtype: torch.dtype, shape: tuple[int, ...],
+                                                 channels_last: bool) -> None:
+    """Values, and gradients routed to the first maximum of each window as PyTorch does:
+    integers in [-3, 3] make ties in most windows; odd sizes drop the last row/column."""
+    torch.manual_seed(0)
+    x = torch.randint(-3, 4, shape).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_ref = MaxPool2x2()(ours), nn.MaxPool2d(2)(ref)
+    g = torch.randn(y_ref.shape).to(dtype)
+    y_ours.backward(g)
+    y_ref.backward(g)
+    assert torch.equal(y_ours, y_ref)
+    assert torch.equal(ours.grad, ref.grad)
+
+
+def test_input_norm_channels_last_is_bit_identical() -> None:
+    norm = build_model("seed_net", 10, MEAN, STD)[0]
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    fast = norm(x.contiguous(memory_format=torch.channels_last))
+    assert fast.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(fast, norm(x))
 
 
 def test_input_norm_makes_the_model_take_raw_uint8() -> None:
