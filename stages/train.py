@@ -31,7 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.device import Settings, autocast, pick_device, resolve_settings, set_threads
+from stages.device import (
+    Settings,
+    autocast,
+    keep_freed_memory,
+    pick_device,
+    resolve_settings,
+    set_threads,
+)
 from stages.errors import UserError, run_cli
 from stages.fingerprint import code_fingerprint, data_fingerprint, run_fingerprint
 from stages.io import atomic_file, read_processed, remove_output
@@ -375,6 +382,7 @@ def train_process(data_dir: str, model_path: str, checkpoint_path: str, live_dir
     """Everything one training process does (rank 0 of several writes the outputs)."""
     rank, world = _ddp()
     device = torch.device(device_name)
+    keep_freed_memory()  # each step reuses the last one's activation memory (~20 % on CPUs)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
