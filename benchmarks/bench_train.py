@@ -31,9 +31,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.device import Settings  # noqa: E402
+from stages.device import Settings, keep_freed_memory  # noqa: E402
 from stages.errors import setup_logging  # noqa: E402
-from stages.models import SeedNet  # noqa: E402
 from stages.params import TrainParams  # noqa: E402
 from stages.train import Dataset, evaluate, fit  # noqa: E402
 
@@ -89,6 +88,17 @@ def _cpu_seconds() -> float:
 
 
 # ------------------------------------------------------------------------------- reference
+def tutorial_net() -> torch.nn.Sequential:
+    """The tutorial's network as it writes it: conv, ReLU, ``nn.MaxPool2d`` in that order
+    (the stage's ``SeedNet`` pools before the ReLU: the same function, less work)."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.BatchNorm2d(16), nn.Flatten(),
+        nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+
+
 def reference(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
               test_y: np.ndarray, budget: float) -> dict[str, float]:
     """The tutorial's loop: float32 tensors, DataLoader batch 64, Adam 1e-3, until the budget."""
@@ -98,7 +108,7 @@ def reference(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     x = torch.tensor(train_x, dtype=torch.float32) / 255.0
     y = torch.tensor(train_y, dtype=torch.long)
     loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
-    net = SeedNet(10)
+    net = tutorial_net()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     seen, t0, c0 = 0, time.perf_counter(), _cpu_seconds()
     done = False
@@ -143,6 +153,7 @@ def _calibrate(train_x: np.ndarray, train_y: np.ndarray, recipe: dict, device: t
 
 def _ddp_worker(npz: str, recipe: dict, out: str) -> None:
     """One DDP process of ``ours(nproc > 1)``: fit its share; rank 0 saves model and time."""
+    keep_freed_memory()
     with np.load(npz, allow_pickle=False) as z:
         data = Dataset(z["x"], z["y"], z["x"][:0], z["y"][:0], [str(i) for i in range(10)],
                        z["mean"].tolist(), z["std"].tolist())
@@ -179,6 +190,7 @@ def ours(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: n
     ``nproc > 1``: DDP over that many gloo processes sharing ``threads`` CPU threads, as
     ``train.nproc`` does (the time then includes starting the processes).
     """
+    keep_freed_memory()  # as the train stage does in each of its processes
     mean, std = channel_stats(train_x)
     data = Dataset(train_x, train_y, train_x[:0], train_y[:0], [str(i) for i in range(10)],
                    mean, std)
@@ -224,9 +236,17 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=1,
                     help="our loop in this many DDP processes sharing --threads (train.nproc)")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--tuned-reference", action="store_true",
+                    help="give the reference the stage's allocator setting too "
+                         "(stages.device.keep_freed_memory); by default it runs on glibc's")
     ap.add_argument("--gpu", action="store_true", help="CUDA mode (see README.md, Training)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run the whole comparison this many times, each in a fresh process "
+                         "(reference, then ours), and report every ratio and their median")
     args = ap.parse_args()
+    if args.repeats > 1:
+        return repeat(args)
     setup_logging()  # the loop's per-epoch lines
     torch.set_num_threads(args.threads)
     train_x, train_y, test_x, test_y = load_data(args.data)
@@ -240,7 +260,10 @@ def main() -> None:
     else:
         device = torch.device("cpu")
         if not args.skip_reference:
+            if args.tuned_reference:
+                keep_freed_memory()
             results["reference"] = reference(train_x, train_y, test_x, test_y, args.budget)
+            results["reference"]["allocator"] = "tuned" if args.tuned_reference else "glibc"
             print("reference:", _fmt(results["reference"]), flush=True)
         results["ours"] = ours(train_x, train_y, test_x, test_y, args.budget, recipe, device,
                                args.epochs, args.nproc, args.threads)
@@ -258,6 +281,37 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def repeat(args: argparse.Namespace) -> None:
+    """``--repeats N``: N fresh-process runs back to back, so that a shared machine's drift
+    shows as a spread of ratios rather than as one lucky or unlucky number."""
+    import statistics
+    import subprocess
+
+    argv = [a for a in sys.argv[1:]]
+    for flag in ("--repeats", "--json"):  # drop "--flag value" and "--flag=value"
+        while any(a == flag or a.startswith(flag + "=") for a in argv):
+            i = next(i for i, a in enumerate(argv) if a == flag or a.startswith(flag + "="))
+            del argv[i:i + (1 if "=" in argv[i] else 2)]
+    rounds = []
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        for r in range(args.repeats):
+            out = Path(tmp) / f"round{r}.json"
+            print(f"--- round {r + 1}/{args.repeats}", flush=True)
+            subprocess.run([sys.executable, __file__, *argv, "--json", str(out)], check=True)
+            rounds.append(json.loads(out.read_text()))
+    ratios = [r["speedup"]["img_per_s_ratio"] for r in rounds if "speedup" in r]
+    summary = {"threads": rounds[0]["threads"], "rounds": rounds}
+    if ratios:
+        summary["speedup"] = {"img_per_s_ratios": ratios,
+                              "median": statistics.median(ratios),
+                              "min": min(ratios), "max": max(ratios)}
+        print(f"speed-up over {len(ratios)} rounds: median {statistics.median(ratios):.2f}x "
+              f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def _fmt(r: dict) -> str:
