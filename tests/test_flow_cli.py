@@ -123,7 +123,8 @@ def test_sigkill_of_the_flow_leaves_no_stage_running(prefect_api, tmp_path) -> N
         deadline = time.monotonic() + 20  # the guard's grace period (10 s) and some
         while any(_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not [p for p in pids if _alive(p)], "a stage process outlived the flow"
+        left = [p for p in pids if _alive(p)]
+        assert not left, "a stage process outlived the flow:\n" + _process_table(left)
         # DVC's lock went with it (this takes it), and the stage left no output behind
         from flows.dvc_adapter import forget, stage_changed
 
@@ -135,6 +136,19 @@ def test_sigkill_of_the_flow_leaves_no_stage_running(prefect_api, tmp_path) -> N
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _process_table(pids: list[int]) -> str:
+    """``ps`` lines for ``pids`` and their process-group leaders (the guard leads the group)."""
+    leaders = set()
+    for pid in pids:
+        try:
+            leaders.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    return subprocess.run(["ps", "-o", "pid,ppid,pgid,stat,etime,args", "-p",
+                           ",".join(map(str, [*pids, *leaders]))],
+                          capture_output=True, text=True).stdout
 
 
 def _start_server(home: Path, port: int) -> subprocess.Popen:
