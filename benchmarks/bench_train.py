@@ -289,11 +289,14 @@ def repeat(args: argparse.Namespace) -> None:
     import statistics
     import subprocess
 
-    argv = [a for a in sys.argv[1:]]
-    for flag in ("--repeats", "--json"):  # drop "--flag value" and "--flag=value"
-        while any(a == flag or a.startswith(flag + "=") for a in argv):
-            i = next(i for i, a in enumerate(argv) if a == flag or a.startswith(flag + "="))
-            del argv[i:i + (1 if "=" in argv[i] else 2)]
+    argv, skip = [], False  # this command's arguments less "--repeats N" and "--json P"
+    for arg in sys.argv[1:]:
+        if skip or arg.startswith(("--repeats=", "--json=")):
+            skip = False
+        elif arg in ("--repeats", "--json"):
+            skip = True
+        else:
+            argv.append(arg)
     rounds = []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         for r in range(args.repeats):

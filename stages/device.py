@@ -98,7 +98,7 @@ def keep_freed_memory() -> bool:
 
     A CPU training step allocates and frees the same few-MB activations every step. With
     glibc's defaults each of them is a fresh ``mmap`` (or heap memory trimmed back to the
-    OS), so every step pays its page faults again: ~20 % of a seed-net step on a 2-core
+    OS), so every step pays its page faults again: ~18 % of a seed-net step on a 2-core
     VM (docs/training-recipes.md). Raising the mmap threshold to its maximum (32 MiB) and
     the trim threshold to 1 GiB makes the heap keep them, as jemalloc/tcmalloc would; the
     process's resident memory then stays at its peak. Elsewhere than glibc: a no-op.

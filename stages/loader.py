@@ -93,15 +93,16 @@ class TrainLoader:
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, p: TrainParams, gen: torch.Generator,
                  rank: int = 0, world: int = 1, channels_last: bool = False) -> None:
-        self.x, self.y, self.p, self.gen = x, y, p, gen
+        self.y, self.p, self.gen = y, p, gen
+        self.n, self.device = len(x), x.device
         self.batch = min(p.batch_size, len(x))
         if self.batch % world:
             raise UserError(f"train.batch_size: {p.batch_size} does not split evenly over "
                             f"train.nproc={world} processes; use a multiple of {world}")
         self.rank, self.world, self.channels_last = rank, world, channels_last
         self.pad = p.augment_crop
-        # padded once for the run (crop = one gather per batch, no bounds masks); 1.27x the
-        # split's memory at the default 2-pixel crop
+        # padded once for the run (crop = one gather per batch, no bounds masks); the loader
+        # keeps only this copy (x itself when there is no crop): 1.27x x at a 2-pixel crop
         self.padded = pad_images(x, self.pad, p.crop_fill)
         self.epoch = 0  # the epoch the next iteration serves
         self.base_flip = None
@@ -111,12 +112,12 @@ class TrainLoader:
             self.base_flip = torch.rand(len(x), generator=fixed, device=x.device) < 0.5
 
     def __len__(self) -> int:
-        return len(self.x) // self.batch
+        return self.n // self.batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n, share = len(self.x), self.batch // self.world
-        perm = torch.randperm(n, device=self.x.device, generator=self.gen)
-        flip, dx, dy = draw_augmentation(n, self.p, self.gen, self.x.device)
+        n, share = self.n, self.batch // self.world
+        perm = torch.randperm(n, device=self.device, generator=self.gen)
+        flip, dx, dy = draw_augmentation(n, self.p, self.gen, self.device)
         if self.base_flip is not None:
             flip = (self.base_flip ^ bool(self.epoch % 2))[perm]  # by position, as dx, dy
         self.epoch += 1

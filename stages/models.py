@@ -32,7 +32,7 @@ class InputNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float() if x.dtype == torch.uint8 else x
-        if x.dim() == 4 and x.shape[1] > 1 and not x.is_contiguous() \
+        if x.dim() == 4 and not x.is_contiguous() \
                 and x.is_contiguous(memory_format=torch.channels_last):
             # channels-last: a (1, C, 1, 1) broadcast over it runs an inner loop of C values,
             # ~3x slower on the CPU. The same arithmetic on rows of H*W*C values instead,

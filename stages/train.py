@@ -248,7 +248,7 @@ def train_epoch(run: Run, epoch: int, total: int, criterion: nn.Module, settings
     """One pass of the loader (stopping at ``total`` steps): this process's loss sum and
     correct count, and the steps taken."""
     p, steps = run.p, len(run.loader)
-    window = torch.zeros(p.log_every, device=run.loader.x.device)
+    window = torch.zeros(p.log_every, device=run.loader.device)
     loss_sum = torch.zeros((), device=window.device, dtype=torch.float64)
     correct = torch.zeros((), device=window.device, dtype=torch.int64)
     frozen = whiten_bias_frozen(epoch, p)
