@@ -26,6 +26,9 @@ class _Stop(BaseException):
 
 
 def _stop(signum: int, frame: object) -> None:
+    # ignore any further SIGTERM before unwinding: a second one raised inside the
+    # ``except _Stop`` below would end the guard before it ends the group
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise _Stop
 
 
@@ -69,6 +72,10 @@ def main(argv: list[str]) -> int:
     except _Stop:
         _end_group(child, float(grace_s))
         return 128 + signal.SIGTERM
+    except BaseException:  # never leave a started command running behind an unexpected error
+        if child is not None:
+            _end_group(child, float(grace_s))
+        raise
 
 
 if __name__ == "__main__":
