@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import pytest
@@ -19,6 +20,17 @@ FLOW = "convflow-pipeline"
 #: A stage DVC always runs, slow enough for a second run to arrive while it is running.
 SLOW = {"cmd": py_stage("import time; time.sleep(3); open('w.txt', 'w').write('x')"),
         "always_changed": True, "outs": [{"w.txt": {"cache": False}}]}
+
+
+def gated(release: Path) -> dict:
+    """Like SLOW, but it holds its run open until ``release`` exists (at most 120 s).
+
+    A fixed sleep raced on a loaded CI machine: the first run could finish before the
+    runner even submitted the second, so nothing collided and both completed.
+    """
+    code = (f"import os, time; any(os.path.exists({str(release)!r}) or time.sleep(0.2) "
+            "for _ in range(600)); open('w.txt', 'w').write('x')")  # one line: a DVC cmd
+    return {**SLOW, "cmd": py_stage(code)}
 
 
 def _serve(repo: Path, name: str, collision: str, log: Path) -> subprocess.Popen:
@@ -46,33 +58,41 @@ def _wait_deployment(name: str, server: subprocess.Popen, log: Path, timeout_s: 
                 time.sleep(0.5)
 
 
-def _wait_final(ids: list[UUID], timeout_s: float = 120) -> list:
+def _wait_final(ids: list[UUID], timeout_s: float = 120, *, every: bool = True) -> list:
+    """The runs once all of them (or, with ``every=False``, any one) reached a final state."""
     from prefect.client.orchestration import get_client
 
     deadline = time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
         while True:
             runs = [client.read_flow_run(i) for i in ids]
-            if all(r.state and r.state.is_final() for r in runs):
-                return runs
+            final = [r for r in runs if r.state and r.state.is_final()]
+            if (every and len(final) == len(runs)) or (not every and final):
+                return runs if every else final
             if time.monotonic() > deadline:
                 raise AssertionError(f"runs not final: {[r.state for r in runs]}")
             time.sleep(0.5)
 
 
 @pytest.fixture
-def served(prefect_api, tmp_path) -> Iterator[dict[str, tuple[Path, object]]]:
-    """Two served deployments of a slow toy pipeline: limit 1, ENQUEUE and CANCEL_NEW."""
+def served(prefect_api, tmp_path) -> Iterator[dict[str, Any]]:
+    """Two served deployments of a slow toy pipeline: limit 1, ENQUEUE and CANCEL_NEW.
+
+    The CANCEL_NEW pipeline's stage waits for ``tmp_path / "release"`` to appear.
+    """
     procs, out = [], {}
     try:
         for collision in ("enqueue", "cancel"):
-            repo = make_toy_repo(tmp_path / collision, {"wait": SLOW})
+            stage = SLOW if collision == "enqueue" else gated(tmp_path / "release")
+            repo = make_toy_repo(tmp_path / collision, {"wait": stage})
             log = tmp_path / f"serve-{collision}.log"
             procs.append((_serve(repo, f"test-{collision}", collision, log), log, repo))
         for (proc, log, repo), collision in zip(procs, ("enqueue", "cancel"), strict=True):
             out[collision] = (repo, _wait_deployment(f"test-{collision}", proc, log))
+        out["release"] = tmp_path / "release"
         yield out
     finally:
+        (tmp_path / "release").touch()  # never leave a gated run waiting
         for proc, _, _ in procs:
             os.killpg(proc.pid, signal.SIGINT)  # like Ctrl-C: pauses the schedule, exits
         for proc, _, _ in procs:
@@ -100,6 +120,10 @@ def test_served_deployment_has_a_schedule_and_a_limit_and_runs_never_overlap(ser
     assert runs[0].end_time <= runs[1].start_time, "runs overlapped"
     assert (repo / "w.txt").read_text() == "x"
 
-    # with --collision cancel, the run that would overlap is cancelled instead
+    # with --collision cancel, the run that would overlap is cancelled instead: the
+    # first one holds the slot until released, so the second must collide with it
+    first_final = _wait_final(cancel_ids, every=False)[0]
+    assert first_final.state.type.value == "CANCELLED", first_final.state
+    served["release"].touch()
     cancelled = _wait_final(cancel_ids)
     assert sorted(r.state.type.value for r in cancelled) == ["CANCELLED", "COMPLETED"]
