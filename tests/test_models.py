@@ -50,9 +50,12 @@ def _tutorial_net(seed: nn.Module) -> nn.Sequential:
                          f[6], c)
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_seed_net_is_the_tutorials_function_and_gradients(channels_last: bool) -> None:
-    """Pooling before the ReLU changes no value and no gradient, bit for bit."""
+def test_seed_net_is_the_tutorials_function_and_gradients(channels_last: bool,
+                                                           bf16: bool) -> None:
+    """Pooling before the ReLU (and the first pool in float32 under the CPU's bf16
+    autocast, ``MaxPool2dF32``) changes no value and no gradient, bit for bit."""
     torch.manual_seed(0)
     model = build_model("seed_net", 10, MEAN, STD)
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -63,11 +66,29 @@ def test_seed_net_is_the_tutorials_function_and_gradients(channels_last: bool) -
     grads = []
     for net in (model, tutorial):
         net.zero_grad()
-        out = net(x)
-        nn.functional.cross_entropy(out, y).backward()
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            out = net(x)
+            nn.functional.cross_entropy(out.float(), y).backward()
         grads.append((out.detach(), [p.grad.clone() for p in net.parameters()]))
     assert torch.equal(grads[0][0], grads[1][0])
     assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1], strict=True))
+
+
+def test_float32_pool_of_bf16_is_exact_ties_included() -> None:
+    """Ties on purpose (bf16 has 8 bits of mantissa): the same indices, values, gradients."""
+    from stages.models import MaxPool2dF32
+
+    x = (torch.randint(-4, 5, (8, 6, 28, 28)).to(torch.bfloat16) / 4).contiguous(
+        memory_format=torch.channels_last)
+    grad = torch.randn(8, 6, 14, 14).to(torch.bfloat16)
+    outs = []
+    for pool in (nn.MaxPool2d(2), MaxPool2dF32(2)):
+        xi = x.clone().requires_grad_()
+        out = pool(xi)
+        out.backward(grad)
+        outs.append((out, xi.grad))
+    assert outs[1][0].dtype == torch.bfloat16
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
 def test_input_norm_channels_last_is_bit_identical() -> None:
