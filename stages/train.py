@@ -180,6 +180,10 @@ def setup_run(p: TrainParams, data: Dataset, device: torch.device, settings: Set
     if device.type == "cpu":
         # bit-identical reruns on the CPU; on CUDA speed wins (cuDNN picks its kernels)
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # ...without the mode's NaN-filling of every new tensor (a debugging aid for ops
+        # that read memory they never wrote; ~2.5 % of a seed-net step): the rerun tests
+        # compare bit for bit, which is what would show such an op
+        torch.utils.deterministic.fill_uninitialized_memory = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(p.seed)
