@@ -51,8 +51,8 @@ class MaxPool2dF32(nn.MaxPool2d):
     one of the inputs, and the gradient routed back is a copy of a bf16 value (or zero).
     Faster only on few channels: PyTorch's CPU bf16 kernel for a channels-last map of the
     seed net's 6 channels takes 3.9 ms forward + backward per 256-image batch on 2 threads,
-    this 2.8 ms; from 16 channels up bf16's own
-    kernel is as fast or faster (64 channels: 62 vs 130 ms), so only that pool uses this.
+    this 2.8 ms; from 16 channels up bf16's own kernel is as fast or faster (64 channels:
+    62 vs 130 ms), so only that pool uses this.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
