@@ -248,6 +248,8 @@ def main() -> None:
                     help="run the whole comparison this many times, each loop in a fresh "
                          "process, and report every ratio and their median")
     args = ap.parse_args()
+    if args.reference_only and args.skip_reference:
+        ap.error("--reference-only and --skip-reference leave nothing to run; drop one")
     if args.repeats > 1:
         return repeat(args)
     setup_logging()  # the loop's per-epoch lines

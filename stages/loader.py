@@ -79,8 +79,8 @@ def augment(x: torch.Tensor, flip: torch.Tensor | None, dx: torch.Tensor | None,
     """
     if flip is None and dx is None:
         return x
-    return crop_flip(pad_images(x, pad if dx is not None else 0, fill), flip, dx, dy,
-                     pad if dx is not None else 0)
+    pad = pad if dx is not None else 0
+    return crop_flip(pad_images(x, pad, fill), flip, dx, dy, pad)
 
 
 class TrainLoader:
