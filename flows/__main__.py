@@ -1,4 +1,4 @@
-"""Command line for the Prefect flows: ``python -m flows {run,serve,sweep} ...``.
+"""Command line for the Prefect flows: ``python -m flows {run,serve,sweep,promote,alerts}``.
 
     python -m flows run                      # reproduce the pipeline once, as a Prefect flow run
     python -m flows serve --cron "0 3 * * *" # serve it on a schedule (runs never overlap)
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--root", help="repository root (default: found from the cwd)")
     sweep.add_argument("--timeout", type=float, default=None, help="seconds per experiment")
 
-    # guardrails: the model registry and alerts (docs/unattended.md)
+    # the model registry and alerts (docs/unattended.md)
     promote = sub.add_parser("promote", help="assign a registry stage to a model version")
     promote.add_argument("version", nargs="?", help="e.g. v0.0.3 (default: latest registered)")
     promote.add_argument("--stage", default="prod", help="registry stage (default: prod)")
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("interrupted", 130)
     except Exception as exc:
         from flows.dvc_adapter import DvcError
-        from flows.pipeline import ServerLost, StageFailed, server_lost
+        from flows.runner import ServerLost, StageFailed, server_lost
 
         if isinstance(exc, StageFailed):
             return _fail(str(exc), USER_ERROR if exc.returncode == USER_ERROR else FAILED)
@@ -225,56 +225,74 @@ def _fail(message: str, status: int) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from flows.pipeline import resolve_root
+    from stages.paths import find_root
 
     _check_numbers(args)
-    if args.command == "alerts":  # guardrails: needs no checkout
-        from flows.alerts import setup_automation
-
-        automation = setup_automation(webhook=args.webhook, block=args.block)
-        print(f"automation '{automation.name}' ({automation.id}) sends convflow alerts")
-        return 0
+    if args.command == "alerts":  # needs no checkout
+        return _alerts(args)
     # a wrong --root is a one-line error before Prefect starts (or starts a server)
-    args.root = str(resolve_root(args.root))
-    if args.command == "sweep":
-        grid = _grid(args.grid)
-        check_points(Path(args.root), grid)
-        from prefect import tags
+    args.root = str(find_root(args.root))
+    return {"sweep": _sweep, "promote": _promote, "serve": _serve}.get(args.command, _run)(args)
 
-        from flows.pipeline import WATCHED_TAG, ensure_crash_detection
-        from flows.sweep import sweep
 
-        quiet_console()
-        ensure_crash_detection()
-        with tags(WATCHED_TAG):
-            rows = sweep(grid, root=args.root, max_parallel=args.jobs, timeout_s=args.timeout)
-        _print_sweep(grid, rows)
-        return 0
-    if args.command == "promote":  # guardrails: the model registry
-        from flows.registry import promote
+def _alerts(args: argparse.Namespace) -> int:
+    from flows.alerts import setup_automation
 
-        print(f"{promote(args.root, args.version, args.stage, push=args.push)} -> {args.stage}")
-        return 0
-    options: dict[str, Any] = {"timeout_s": args.timeout, "retries": args.retries,
-                               "push": args.push, "commit": args.commit,
-                               "promote": args.promote}
-    if args.command == "serve":
-        from flows.pipeline import ensure_crash_detection
-        from flows.serve import serve_pipeline
+    automation = setup_automation(webhook=args.webhook, block=args.block)
+    print(f"automation '{automation.name}' ({automation.id}) sends convflow alerts")
+    return 0
 
-        quiet_console()
-        ensure_crash_detection()
-        serve_pipeline(args.root, cron=args.cron, interval=args.interval,
-                       collision=args.collision, name=args.name, parameters=options)
-        return 0
+
+def _watched(flow_fn: Any, **kwargs: Any) -> Any:
+    """Run ``flow_fn`` tagged for the crash automation, with a quiet console."""
     from prefect import tags
 
-    from flows.pipeline import WATCHED_TAG, ensure_crash_detection, pipeline
+    from flows.crash import WATCHED_TAG, ensure_crash_detection
 
     quiet_console()
     ensure_crash_detection()
     with tags(WATCHED_TAG):
-        summary = pipeline(root=args.root, force=args.force, **options)
+        return flow_fn(**kwargs)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    grid = _grid(args.grid)
+    check_points(Path(args.root), grid)
+    from flows.sweep import sweep
+
+    rows = _watched(sweep, grid=grid, root=args.root, max_parallel=args.jobs,
+                    timeout_s=args.timeout)
+    _print_sweep(grid, rows)
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from flows.registry import promote
+
+    print(f"{promote(args.root, args.version, args.stage, push=args.push)} -> {args.stage}")
+    return 0
+
+
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"timeout_s": args.timeout, "retries": args.retries, "push": args.push,
+            "commit": args.commit, "promote": args.promote}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from flows.crash import ensure_crash_detection
+    from flows.serve import serve_pipeline
+
+    quiet_console()
+    ensure_crash_detection()
+    serve_pipeline(args.root, cron=args.cron, interval=args.interval,
+                   collision=args.collision, name=args.name, parameters=_run_options(args))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from flows.pipeline import pipeline
+
+    summary = _watched(pipeline, root=args.root, force=args.force, **_run_options(args))
     for row in summary:
         print(f"{row['stage']:<12} {row['status']:<24} {row['seconds']:.2f} s")
     return 0

@@ -94,24 +94,3 @@ def setup_automation(webhook: str | None = None, block: str | None = None,
         actions=[SendNotification(block_document_id=target._block_document_id,
                                   subject=SUBJECT, body=BODY)],
     ).create()
-
-
-def check_gate(root: str | Path) -> str | None:
-    """Read the gate's verdict, emit its events; the one-line failure, or None if it passed."""
-    from flows.registry import gate_verdict
-
-    verdict = gate_verdict(root)
-    if verdict is None:
-        return None
-    metrics = {k: verdict.get(k) for k in ("metric", "value", "min_accuracy", "max_drop",
-                                           "production_version", "production_accuracy",
-                                           "drop")}
-    if (verdict.get("drop") or 0) > 0:
-        emit(REGRESSION, root, "gate",
-             f"{verdict['metric']} {verdict['value']} is below production "
-             f"{verdict['production_version']} ({verdict['production_accuracy']})", metrics)
-    if verdict.get("passed"):
-        return None
-    message = f"quality gate failed: {verdict['reason']}"
-    emit(GATE_FAILED, root, "gate", message, metrics)
-    return message

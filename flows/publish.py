@@ -34,7 +34,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.dvc_adapter import dvc_command, dvc_env
-from flows.pipeline import StageFailed, dvc_failure, retry_if_transient, run_guarded
+from flows.runner import DVC_ERROR, StageFailed, dvc_failure, retry_if_transient, run_guarded
 
 log = logging.getLogger("convflow.publish")
 
@@ -50,7 +50,6 @@ _PERMANENT = re.compile(
     r"403|Forbidden|AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|NoSuchBucket|"
     r"no remote specified|is not a valid|Unable to locate credentials|Not a directory|"
     r"config file error", re.IGNORECASE)
-_ERROR_LINE = re.compile(r"^ERROR: .*$", re.MULTILINE)
 
 
 class PublishError(StageFailed):
@@ -117,7 +116,7 @@ def _transfer(root: str | Path, step: str, args: list[str], remote: str | None,
                else dvc_failure(output, status))
     if not failure:
         return
-    errors = list(dict.fromkeys(e.strip() for e in _ERROR_LINE.findall(output)))
+    errors = list(dict.fromkeys(e.strip() for e in DVC_ERROR.findall(output)))
     detail = " ".join(errors) if errors and not timed_out else failure
     transient = timed_out or not _PERMANENT.search(output)
     hint = "retrying may help" if transient else "not retried: fix the remote or its settings"

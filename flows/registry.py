@@ -15,34 +15,19 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from stages.paths import DVC_YAML, find_root, pipeline_paths
+from stages.paths import find_root, pipeline_paths
+from stages.registered_model import PROD, model_artifact
 
 log = logging.getLogger("convflow.registry")
 
-#: The stage the gate compares against and ``promote`` assigns by default.
-PROD = "prod"
-#: The artifact name when a repository is only known by URL.
-DEFAULT_ARTIFACT = "cifar-cnn"
 _HEADER = ("# The model in production (GTO stage `prod`), the gate's baseline for gate.max_drop.\n"
            "# Written by `python -m flows run` / `python -m flows promote` from the registry;\n"
            "# commit it with the run's results. null = nothing in production yet.\n")
-
-
-def model_artifact(root: str | Path) -> tuple[str, str]:
-    """(name, path) of the model artifact declared under ``artifacts:`` in ``dvc.yaml``."""
-    spec = yaml.safe_load((find_root(root) / DVC_YAML).read_text(encoding="utf-8")) or {}
-    for name, entry in (spec.get("artifacts") or {}).items():
-        if (entry or {}).get("type", "model") == "model":
-            return name, entry["path"]
-    from stages.errors import UserError
-
-    raise UserError(f"{DVC_YAML}: no model under 'artifacts:' to register")
 
 
 def production(root: str | Path, stage: str = PROD) -> dict[str, Any] | None:
@@ -159,36 +144,3 @@ def ship(root: str | Path, message: str, stage: str | None, push: bool, flow_log
     if stage:
         promote(root, version.split("@", 1)[1], stage, push=push_tags)
         flow_log.info("%s is now in stage '%s'", version, stage)
-
-
-def fetch_model(repo: str | Path, stage: str = PROD, out: str | Path | None = None,
-                name: str | None = None) -> Path:
-    """Download the model in registry ``stage`` of ``repo`` (a path or git URL) to ``out``."""
-    import dvc.api
-
-    if name is None:
-        name = model_artifact(repo)[0] if Path(str(repo)).is_dir() else DEFAULT_ARTIFACT
-    found = dvc.api.artifacts_show(name, stage=stage, repo=str(repo))
-    if out is None and Path(str(repo)).is_dir():  # git-ignored, replaced on each fetch
-        out = find_root(repo) / ".dvc" / "tmp" / "registry" / stage / Path(found["path"]).name
-    dest = Path(out) if out else Path(tempfile.mkdtemp(prefix="convflow-model-")) / "model.pt"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    with dvc.api.open(found["path"], repo=str(repo), rev=found["rev"], mode="rb") as src, \
-            open(tmp, "wb") as dst:
-        while chunk := src.read(1 << 20):
-            dst.write(chunk)
-    tmp.replace(dest)
-    log.info("%s model %s@%s -> %s", stage, name, found["rev"][:7], dest)
-    return dest
-
-
-def gate_verdict(root: str | Path) -> dict[str, Any] | None:
-    """The gate stage's verdict (``gate.json``), or None where the pipeline has no gate."""
-    try:
-        path = pipeline_paths(root).get("metrics")
-    except Exception:  # a pipeline without `vars: paths` (a toy one) has no gate
-        return None
-    if path is None or not (path / "gate.json").is_file():
-        return None
-    return json.loads((path / "gate.json").read_text(encoding="utf-8"))

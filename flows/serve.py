@@ -15,7 +15,9 @@ from typing import Any
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.types.entrypoint import EntrypointType
 
-from flows.pipeline import WATCHED_TAG, pipeline, resolve_root
+from flows.crash import WATCHED_TAG
+from flows.pipeline import pipeline
+from stages.paths import find_root
 
 COLLISION = {"enqueue": ConcurrencyLimitStrategy.ENQUEUE,
              "cancel": ConcurrencyLimitStrategy.CANCEL_NEW}
@@ -26,7 +28,7 @@ def serve_pipeline(root: str | None = None, cron: str | None = None,
                    interval: float | None = None, collision: str = "enqueue",
                    name: str = DEPLOYMENT, parameters: dict[str, Any] | None = None) -> None:
     """Serve ``pipeline`` on ``cron`` or every ``interval`` seconds, at most one run at a time."""
-    repo_root = resolve_root(root)
+    repo_root = find_root(root)
     # the runner starts each flow run from the cwd (its `flows` package first on sys.path):
     # serve from the checkout being run, and give the caller its own cwd back afterwards
     with chdir(repo_root):

@@ -22,17 +22,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import dvc_adapter as dvc
-from flows import slots
-from flows.dvc_adapter import dvc_command
-from flows.pipeline import (
-    ServerLost,
-    StageFailed,
-    dvc_failure,
-    resolve_root,
-    run_guarded,
-    subprocess_env,
-)
+from flows import publish, slots
+from flows.dvc_adapter import dvc_command, dvc_env
+from flows.runner import ServerLost, StageFailed, dvc_failure, run_guarded
 from stages.fetch import pin_data_path
+from stages.paths import find_root
 
 
 def usable_cpus() -> int:
@@ -76,11 +70,11 @@ def run_experiment(name: str, overrides: dict[str, Any], root: str,
     log = get_run_logger()
     cmd = dvc_command("exp", "run", "--temp", "-n", name, *set_args(overrides))
     log.info("%s", " ".join(cmd[1:]))
-    env = subprocess_env()
+    env = dvc_env()
     if threads and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
-    # guardrails: one resource slot and (on a multi-GPU machine) one GPU per experiment
+    # one resource slot and (on a multi-GPU machine) one GPU per experiment
     with slots.slot(log, f"experiment '{name}'"), slots.device_pool().device() as gpu:
         env.update(gpu)
         output, status, timed_out = run_guarded(cmd, Path(root), name, timeout_s, log,
@@ -106,10 +100,8 @@ def sweep(grid: dict[str, list[Any]] | list[dict[str, Any]], root: str | None = 
     """Run every point of ``grid`` as a DVC experiment, ``max_parallel`` at a time."""
     from prefect.runtime import flow_run
 
-    from flows import publish  # pull: dvc pull first; push: dvc exp push to git + DVC remote
-
     log = get_run_logger()
-    repo_root = resolve_root(root)
+    repo_root = find_root(root)
     # a data.path outside the repo must be absolute inside the --temp copy (.dvc/tmp/...)
     points = [pin_data_path(point, repo_root) for point in expand_grid(grid)]
     if pull:

@@ -7,6 +7,7 @@ flows, tests) reads them here.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -17,12 +18,19 @@ DVC_YAML = "dvc.yaml"
 
 
 def find_root(start: str | Path | None = None) -> Path:
-    """The nearest folder at or above ``start`` (default: cwd) that holds ``dvc.yaml``."""
-    here = Path(start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / DVC_YAML).is_file():
-            return folder
-    raise UserError(f"no {DVC_YAML} found in {here} or any folder above it: "
+    """The checkout's root: the nearest folder at or above ``start`` that holds ``dvc.yaml``.
+
+    Without ``start``: ``$CONVFLOW_ROOT`` if set, else the current folder, else (a served or
+    deployed flow started elsewhere) the checkout that holds this code.
+    """
+    if start is None and os.environ.get("CONVFLOW_ROOT"):
+        start = os.environ["CONVFLOW_ROOT"]
+    starts = [Path(start)] if start else [Path.cwd(), Path(__file__).resolve().parent]
+    for here in (s.expanduser().resolve() for s in starts):
+        for folder in (here, *here.parents):
+            if (folder / DVC_YAML).is_file():
+                return folder
+    raise UserError(f"no {DVC_YAML} found in {starts[0].resolve()} or any folder above it: "
                     "run from inside a convflow checkout")
 
 

@@ -62,8 +62,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.top < 1:
         raise UserError("--top must be at least 1")
     model_path = Path(args.model) if args.model else pipeline_paths()["model"]
-    if args.stage:  # the model registry (GTO tags, flows/registry.py), fetched through DVC
-        from flows.registry import fetch_model
+    if args.stage:  # the model registry (GTO tags), fetched through DVC
+        from stages.registered_model import fetch_model
 
         model_path = fetch_model(find_root(), args.stage)
     model, meta = load_model(model_path)

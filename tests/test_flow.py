@@ -112,7 +112,7 @@ def test_artifacts_hold_the_stage_summary_metrics_and_diff(prefect_api, tmp_path
 
 def test_failing_stage_fails_the_flow_with_its_message_and_stops_downstream(
         prefect_api, tmp_path):
-    from flows.pipeline import StageFailed
+    from flows.runner import StageFailed
 
     stages = toy_stages()
     stages["bad"] = {"cmd": py_stage(
@@ -154,7 +154,7 @@ def test_transient_download_failure_is_retried_with_backoff(prefect_api, tmp_pat
 
 
 def test_only_tempfail_and_stalled_downloads_are_transient():
-    from flows.pipeline import command_status, is_transient
+    from flows.runner import command_status, is_transient
 
     assert is_transient("ingest", 75, False)          # ingest: a network failure
     assert is_transient("ingest", None, True)         # a stalled download

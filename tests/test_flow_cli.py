@@ -78,7 +78,7 @@ def test_a_failed_dvc_push_is_one_line(prefect_api, tmp_path) -> None:
 
 
 def test_dvc_reporting_an_error_with_exit_0_is_a_failure() -> None:
-    from flows.pipeline import dvc_failure
+    from flows.runner import dvc_failure
 
     # DVC can log a failed cache transfer and still exit 0: the flow does not trust the 0
     output = ("Running stage 'big':\n> python make.py\n"

@@ -228,7 +228,7 @@ def test_gate_blocks_shipping_and_a_passing_run_is_registered_promoted_and_fetch
     from conftest import make_pipeline_repo, run, write_params
     from PIL import Image
 
-    from flows.pipeline import StageFailed
+    from flows.runner import StageFailed
 
     repo = make_pipeline_repo(tmp_path / "repo", {"gate": {"min_accuracy": 0.99}})
     doc = yaml.safe_load((repo / "dvc.yaml").read_text())

@@ -1,0 +1,51 @@
+"""What a run shows in the Prefect UI: its stages, its metrics and its diff, as artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from flows import dvc_adapter as dvc
+from flows.dvc_adapter import DiffRow
+
+
+def diff_markdown(metrics: list[DiffRow], params: list[DiffRow], rev: str = "HEAD") -> str:
+    """Markdown of the metrics and params that differ between ``rev`` and the workspace."""
+    parts = [f"## Changes against `{rev}`", ""]
+    for title, rows, cols in (("Metrics", metrics, ("old", "new", "diff")),
+                              ("Params", params, ("old", "new"))):
+        parts.append(f"### {title}")
+        if not rows:
+            parts += ["", "No changes.", ""]
+            continue
+        parts += ["", "| file | key | " + " | ".join(cols) + " |",
+                  "|---|---|" + "---|" * len(cols)]
+        for row in rows:
+            cells = " | ".join(_cell(row[col]) for col in cols)  # type: ignore[literal-required]
+            parts.append(f"| {row['file']} | {row['key']} | {cells} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "—" if value is None else str(value).replace("|", "\\|")
+
+
+def record_run(root: Path, summary: list[dict[str, Any]], rev: str = "HEAD") -> None:
+    """Stage summary, metrics table and diff vs the last commit, as Prefect artifacts."""
+    create_table_artifact(table=summary, key="convflow-stages",
+                          description="Stages of this run: ran / up to date / failed, seconds")
+    rows = dvc.metrics_rows(root)
+    if rows:
+        create_table_artifact(table=list(rows), key="convflow-metrics",
+                              description="Current metrics (dvc metrics show)")
+    try:
+        markdown = diff_markdown(dvc.metrics_diff(root, rev), dvc.params_diff(root, rev), rev)
+    except dvc.DvcError as exc:  # e.g. a repository without commits yet
+        markdown = f"No diff against `{rev}`: {exc}"
+    create_markdown_artifact(markdown=markdown, key="convflow-diff",
+                             description="Metrics and params against the last commit")

@@ -1,0 +1,72 @@
+"""Crashed runs: the Prefect automation that marks a run CRASHED once its heartbeats stop."""
+
+from __future__ import annotations
+
+from flows.runner import api_url
+
+#: The Prefect automation that marks a run CRASHED once its heartbeats stop.
+CRASH_AUTOMATION = "convflow: crash flow runs whose heartbeats stopped"
+#: The tag of the runs it watches: those started by ``python -m flows``, which sets the
+#: heartbeat period the automation expects (runs started otherwise keep Prefect's 180 s).
+WATCHED_TAG = "convflow-watched"
+
+
+def heartbeat_trigger(every_s: float) -> object:
+    """A run tagged ``WATCHED_TAG`` whose next heartbeat (or end) is two periods late."""
+    from datetime import timedelta
+
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    return EventTrigger(
+        after={"prefect.flow-run.heartbeat"},
+        expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed"},
+        match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+        match_related=ResourceSpecification({"prefect.resource.id": f"prefect.tag.{WATCHED_TAG}",
+                                             "prefect.resource.role": "tag"}),
+        for_each={"prefect.resource.id"},
+        posture=Posture.Proactive,
+        threshold=1,
+        within=timedelta(seconds=2 * max(every_s, 30) + 10),  # Prefect allows no period < 30 s
+    )
+
+
+def ensure_crash_detection() -> None:
+    """Have the Prefect server mark a flow run CRASHED when its heartbeats stop.
+
+    Prefect's own answer to "zombie" runs: every flow run sends a heartbeat event each
+    ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` seconds; this automation changes a run tagged
+    ``WATCHED_TAG`` whose next heartbeat (or end) does not come within two periods to
+    CRASHED. So a run whose process was killed, or that lost the server, does not stay
+    RUNNING: the server marks it as soon as it is up and the period has passed. Created
+    once per server, replaced if the period changed.
+    """
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.settings import get_current_settings
+
+    every = get_current_settings().flows.heartbeat_frequency
+    if not every or not api_url():
+        return  # heartbeats off, or a temporary server that ends with this process
+    trigger = heartbeat_trigger(every)
+    try:
+        existing = Automation.read(name=CRASH_AUTOMATION)
+    except ValueError:
+        existing = None
+    if existing is not None:
+        old = existing.trigger
+        if (getattr(old, "within", None) == trigger.within
+                and getattr(old, "match_related", None) == trigger.match_related):
+            return
+        existing.delete()
+    Automation(
+        name=CRASH_AUTOMATION,
+        description="Marks a flow run CRASHED when its heartbeats stop (convflow)",
+        trigger=trigger,
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message="no heartbeat: the flow process or its server "
+                                            "went away")],
+    ).create()

@@ -1,0 +1,56 @@
+"""The registry's model as a stage sees it: the ``dvc.yaml`` model artifact, fetched by stage.
+
+The registry itself (GTO versions and stages as Git tags) is written by ``flows/registry.py``;
+reading a stage's model needs only DVC's public API (``dvc.api.artifacts_show`` and
+``dvc.api.open``), so ``python -m stages.predict --stage prod`` works from any clone with
+access to the DVC remote.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from stages.errors import UserError
+from stages.paths import DVC_YAML, find_root
+
+log = logging.getLogger("convflow.registry")
+
+#: The stage the gate compares against and ``promote`` assigns by default.
+PROD = "prod"
+#: The artifact name when a repository is only known by URL.
+DEFAULT_ARTIFACT = "cifar-cnn"
+
+
+def model_artifact(root: str | Path) -> tuple[str, str]:
+    """(name, path) of the model artifact declared under ``artifacts:`` in ``dvc.yaml``."""
+    spec = yaml.safe_load((find_root(root) / DVC_YAML).read_text(encoding="utf-8")) or {}
+    for name, entry in (spec.get("artifacts") or {}).items():
+        if (entry or {}).get("type", "model") == "model":
+            return name, entry["path"]
+    raise UserError(f"{DVC_YAML}: no model under 'artifacts:' to register")
+
+
+def fetch_model(repo: str | Path, stage: str = PROD, out: str | Path | None = None,
+                name: str | None = None) -> Path:
+    """Download the model in registry ``stage`` of ``repo`` (a path or git URL) to ``out``."""
+    import dvc.api
+
+    if name is None:
+        name = model_artifact(repo)[0] if Path(str(repo)).is_dir() else DEFAULT_ARTIFACT
+    found = dvc.api.artifacts_show(name, stage=stage, repo=str(repo))
+    if out is None and Path(str(repo)).is_dir():  # git-ignored, replaced on each fetch
+        out = find_root(repo) / ".dvc" / "tmp" / "registry" / stage / Path(found["path"]).name
+    dest = Path(out) if out else Path(tempfile.mkdtemp(prefix="convflow-model-")) / "model.pt"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with dvc.api.open(found["path"], repo=str(repo), rev=found["rev"], mode="rb") as src, \
+            open(tmp, "wb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+    tmp.replace(dest)
+    log.info("%s model %s@%s -> %s", stage, name, found["rev"][:7], dest)
+    return dest
