@@ -175,23 +175,6 @@ def stage_changed(root: str | Path, name: str) -> bool:
         return bool(stage.changed())
 
 
-def declared_params(root: str | Path) -> dict[str, frozenset[str]]:
-    """The params keys each stage declares in dvc.yaml, by stage name."""
-    declared: dict[str, frozenset[str]] = {}
-    with _internals("Repo.index.stages (deps, params)"), _in_dir(root):
-        from dvc.dependency import ParamsDependency
-        from dvc.repo import Repo
-
-        with Repo(str(root)) as repo:
-            for stage in repo.index.stages:
-                name = getattr(stage, "name", None)  # a `.dvc` file (dvc add) has none
-                if name:
-                    declared[name] = frozenset(
-                        k for dep in stage.deps if isinstance(dep, ParamsDependency)
-                        for k in dep.params)
-    return declared
-
-
 # ------------------------------------------------------------ the command line's JSON
 
 def _flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:

@@ -75,12 +75,6 @@ def test_stage_changed_follows_params(repo: Path) -> None:
         adapter.forget(repo)
 
 
-def test_declared_params(repo: Path) -> None:
-    declared = adapter.declared_params(repo)
-    fits(declared == {"one": {"a.n"}, "score": {"a.n", "c"}, "curve": set()},
-         f"declared_params: {declared}")
-
-
 def test_metrics_rows_and_diff(repo: Path) -> None:
     rows = adapter.metrics_rows(repo)
     fits(rows == [{"file": "m.json", "metric": "acc", "value": 0.1},
