@@ -27,6 +27,18 @@ MAX_IMAGES = 500_000
 MAX_SEED = 2**32 - 1
 #: Images per batch.
 MAX_BATCH = 65_536
+#: Values YAML aliases (``*name``) may expand to in one file: ~80 in params.yaml, so a
+#: file past this is an alias bomb (9 nested levels of 9 make 387 million), refused before
+#: anything walks it (its error message once took 671 MB).
+MAX_ALIAS_VALUES = 10_000
+#: Characters of a user's value echoed in an error message.
+SHOWN_CHARS = 80
+
+
+def shorten(text: object, limit: int = SHOWN_CHARS) -> str:
+    """``text`` as a string of at most ``limit`` characters (cut with "…")."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 class _Group(BaseModel):
@@ -211,13 +223,13 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             where = _field_name(loc[:-1])
             options = ", ".join(_accepted(Params, loc))
             lines.append(
-                f"{source}: unknown key '{name}'"
+                f"{source}: unknown key '{shorten(name)}'"
                 + (f" in '{where}'" if where else "")
                 + (f"; accepted keys: {options}" if options else "")
             )
         else:
             got = e.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            shown = "" if isinstance(got, dict) else f" (got {shorten(repr(got))})"
             bounds = accepted_range(loc) if e["type"] in _RANGE_ERRORS else ""
             accepts = f"; accepted: {bounds}" if bounds else ""
             lines.append(f"{source}: {name}: {e['msg']}{shown}{accepts}")
@@ -237,9 +249,40 @@ def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
         raise UserError(format_validation_error(err, source)) from None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, but a key given twice in one mapping is an error (as DVC says):
-    plain YAML keeps the last silently, so the run would use a value the user did not see."""
+class SafeYamlLoader(yaml.SafeLoader):
+    """YAML's safe loader, with two refusals.
+
+    A key given twice in one mapping is an error (as DVC says): plain YAML keeps the last
+    silently, so the run would use a value the user did not see. Aliases may expand to at
+    most :data:`MAX_ALIAS_VALUES` values, and never into their own anchor, so an alias bomb
+    is refused while it is read, before anything (a validator, an error message) walks it.
+    """
+
+    def compose_document(self) -> yaml.Node:
+        self._alias_values, self._sizes = 0, {}
+        return super().compose_document()
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = self.anchors.get(event.anchor)
+            if node is not None and id(node) not in self._sizes:
+                raise yaml.composer.ComposerError(
+                    None, None, f"alias *{shorten(event.anchor, 40)} inside its own anchor",
+                    event.start_mark)
+            self._alias_values += self._sizes.get(id(node), 0)
+            if self._alias_values > MAX_ALIAS_VALUES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"aliases expand to more than {MAX_ALIAS_VALUES:,} values "
+                    "(an alias bomb?); write the values out", event.start_mark)
+            return super().compose_node(parent, index)
+        node = super().compose_node(parent, index)
+        # the values this node expands to, known once it is complete (aliases count whole)
+        children = (node.value if isinstance(node, yaml.SequenceNode) else
+                    [n for pair in node.value for n in pair]
+                    if isinstance(node, yaml.MappingNode) else [])
+        self._sizes[id(node)] = 1 + sum(self._sizes.get(id(c), 1) for c in children)
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set[Any] = set()
@@ -247,9 +290,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key '{key}'", key_node.start_mark)
+                    None, None, f"duplicate key '{shorten(key)}'", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, path: str | Path) -> Any:
+    """Parse YAML ``text`` read from ``path`` with :class:`SafeYamlLoader`; one-line errors."""
+    try:
+        return yaml.load(text, Loader=SafeYamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = shorten(" ".join(str(getattr(err, "problem", None) or err).split()), 200)
+        raise UserError(f"{path}: invalid YAML{where}: {problem}") from None
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
@@ -260,13 +314,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     except FileNotFoundError:
         raise UserError(f"{path}: parameters file not found; run from the repository root "
                         "or pass its path") from None
-    try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"{path}: invalid YAML{where}: {getattr(err, 'problem', err)}") from None
-    return parse_params(raw, str(path))
+    return parse_params(load_yaml(text, path), str(path))
 
 
 def flatten(model: BaseModel, prefix: str = "") -> dict[str, Any]:
