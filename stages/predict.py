@@ -20,24 +20,14 @@ from stages.errors import UserError, run_cli
 from stages.models import load_model
 from stages.paths import find_root, pipeline_paths
 from stages.sources.images import decode_image
-from stages.sources.safety import max_file_bytes, too_big
+from stages.sources.safety import read_regular_file
 
 log = logging.getLogger("convflow.predict")
 
 
 def load_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """An image file as uint8 3 x H x W at ``size`` (height, width)."""
-    path = Path(path)
-    try:
-        if path.stat().st_size > max_file_bytes():
-            raise too_big(str(path), path.stat().st_size, max_file_bytes(),
-                          "CONVFLOW_MAX_FILE_MB")
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such image file") from None
-    except OSError as err:
-        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
-    return decode_image(data, str(path), size)[0]
+    """An image file as uint8 3 x H x W at ``size`` (height, width); regular files only."""
+    return decode_image(read_regular_file(path), str(path), size)[0]
 
 
 @torch.no_grad()

@@ -9,7 +9,9 @@ user cache, so another project or ``dvc repro -f`` does not download it again.
 
 from __future__ import annotations
 
+import io
 import logging
+import pickle
 import tarfile
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -20,7 +22,7 @@ import numpy as np
 from stages.errors import UserError
 from stages.io import bad_labels
 from stages.sources import RawData
-from stages.sources.safety import cache_dir, download, iter_tar, restricted_loads, verify_sha256
+from stages.sources.safety import cache_dir, download, iter_tar, verify_sha256
 
 log = logging.getLogger("convflow.ingest")
 
@@ -130,3 +132,45 @@ def load_cifar10(path: str | None, url: str, sha256: str) -> RawData:
     return RawData(data.train_images, data.train_labels, data.test_images, data.test_labels,
                    data.classes, data.source,
                    details={"archive": archive.name, "sha256": sha256.lower()})
+
+
+# ------------------------------------------------------------------------------- pickles
+def _numpy_reconstruct() -> Any:
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR-10's batches contain: numpy arrays, dicts, lists, bytes, str.
+
+    Containers and scalars need no import; the only globals a batch refers to are numpy's
+    array reconstruction, ``ndarray`` and ``dtype``. Any other global (``os.system``,
+    ``builtins.eval``, ...) is refused before it is imported, so a crafted pickle cannot run.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = {
+            ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+            ("numpy", "ndarray"): lambda: np.ndarray,
+            ("numpy", "dtype"): lambda: np.dtype,
+        }
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"refusing to import {module}.{name}")
+        return allowed[(module, name)]()
+
+
+def restricted_loads(blob: bytes, what: str) -> Any:
+    """Unpickle ``blob`` with :class:`RestrictedUnpickler` (Python 2 strings as bytes)."""
+    try:
+        return RestrictedUnpickler(io.BytesIO(blob), encoding="bytes").load()
+    except pickle.UnpicklingError as err:
+        if "refusing" in str(err):
+            raise UserError(f"{what}: {err}, which a CIFAR-10 batch never contains; this is not "
+                            "a genuine CIFAR-10 archive and was not loaded") from None
+        raise UserError(f"{what}: corrupt pickle ({err})") from None
+    except Exception as err:  # noqa: BLE001 - any failure of a corrupt pickle is a bad input
+        raise UserError(f"{what}: corrupt pickle ({type(err).__name__}: {err})") from None

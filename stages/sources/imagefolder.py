@@ -4,14 +4,16 @@
 inside one top-level folder). Class names are the folder names of ``train/``, sorted;
 label i is the i-th name. Archives are read member by member straight into memory (never
 extracted). Images are converted to RGB; any other size is resized to 32x32 (noted in the log).
-A symlinked class folder is followed (only to the depth an image can be at); names with
-newlines or control characters are refused, as they would forge lines in logs and reports.
+Only regular files are read. Symbolic links inside a folder are refused: DVC hashes a link,
+not its target, so a change behind one would go unnoticed. Names with newlines or control
+characters are refused, as they would forge lines in logs and reports.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import numpy as np
 from stages.errors import UserError
 from stages.sources import RawData
 from stages.sources.images import decode_image
-from stages.sources.safety import iter_tar, max_file_bytes, too_big
+from stages.sources.safety import iter_tar, read_regular_file
 
 log = logging.getLogger("convflow.ingest")
 
@@ -79,32 +81,34 @@ def _collect(entries: list[tuple[tuple[str, ...], bytes | None]], origin: str) -
     return files
 
 
+def _refuse_link(path: Path, parts: tuple[str, ...], root: Path) -> None:
+    _check_name(parts, str(root))  # before the name is shown
+    if path.is_symlink():
+        # DVC hashes the link itself, not what it points at: an image changed behind it
+        # would leave `dvc status` clean and the pipeline would not re-run
+        raise UserError(f"{path}: a symbolic link (to {os.readlink(path)!r}); DVC would not see a "
+                        "change behind it. Copy the folder in, or point data.path at the real "
+                        "folder")
+
+
 def _read_folder(root: Path) -> list[tuple[tuple[str, ...], bytes | None]]:
     entries: list[tuple[tuple[str, ...], bytes | None]] = []
-    per_file = max_file_bytes()
-    # links are followed (users link class folders in from elsewhere), but never below the
-    # depth an image can be at, so a link loop cannot make the walk endless
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    # links are refused, not followed (the walk never descends through one), and the walk
+    # stops at the depth an image can be at
+    for dirpath, dirnames, filenames in os.walk(root):
         rel = Path(dirpath).relative_to(root).parts
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for d in dirnames:
+            _refuse_link(Path(dirpath) / d, (*rel, d), root)
             entries.append(((*rel, d), None))
         if len(rel) >= 3:
             dirnames.clear()
-        # only files that can be images at the right depth are read
-        for f in sorted(filenames):
-            parts = (*rel, f)
-            path = Path(dirpath) / f
-            if len(parts) in (3, 4) and f.lower().endswith(EXTENSIONS):
-                try:
-                    if path.stat().st_size > per_file:
-                        raise too_big(str(path), path.stat().st_size, per_file,
-                                      "CONVFLOW_MAX_FILE_MB")
-                    entries.append((parts, path.read_bytes()))
-                except OSError as err:
-                    raise UserError(f"{path}: cannot read ({err})") from None
-            else:
-                entries.append((parts, b""))
+        # only files that can be images at the right depth are read, regular files only
+        for f in sorted(f for f in filenames if not f.startswith(".")):
+            parts, path = (*rel, f), Path(dirpath) / f
+            _refuse_link(path, parts, root)
+            is_image = len(parts) in (3, 4) and f.lower().endswith(EXTENSIONS)
+            entries.append((parts, read_regular_file(path) if is_image else b""))
     return entries
 
 
@@ -145,6 +149,8 @@ def load_imagefolder(path: str | None) -> RawData:
     if root.is_dir():
         entries = _read_folder(root)
     elif root.name.lower().endswith(ARCHIVES):
+        if not stat.S_ISREG(root.stat().st_mode):  # a FIFO would hang tarfile
+            raise UserError(f"data.path: {root} is not a regular file")
         entries = _read_archive(root)
     else:
         raise UserError(f"data.path: {root} is neither a folder nor a .tar.gz/.tgz/.tar archive")

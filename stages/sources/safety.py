@@ -1,4 +1,4 @@
-"""Handling untrusted input safely: checksums, downloads, tar members, pickles, size caps.
+"""Handling untrusted input safely: checksums, downloads, tar members, size caps.
 
 Nothing here extracts an archive to disk: sources read the members they need straight
 from the tar file into memory, after every member has passed :func:`check_member`, so no
@@ -18,18 +18,18 @@ import http.client
 import io
 import logging
 import os
-import pickle
+import socket
+import stat
 import tarfile
 import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from urllib.parse import urlparse
 
 from stages.errors import TransientError, UserError
+from stages.params import OFFICIAL_CIFAR10_SHA256, shorten
 
 log = logging.getLogger("convflow.ingest")
 
@@ -40,6 +40,18 @@ _MB = 1 << 20
 MAX_FILE_MB = 64  # CONVFLOW_MAX_FILE_MB: one image file or archive member
 MAX_EXPANSION = 50  # CONVFLOW_MAX_EXPANSION: uncompressed / compressed size of an archive
 EXPANSION_SLACK_MB = 32  # a small archive of tiny, very compressible images may exceed 50x
+#: A tar header record (GNU long name, pax): a path is at most 4 KB, so 64 KB is generous;
+#: Python's tarfile reads a record whole before anything else sees it (2 GB once).
+MAX_HEADER_RECORD = 64 << 10
+#: Header records before one member: a real archive has at most 3 (global pax, pax, long
+#: name); tarfile recurses once per record, so a long chain would end in a RecursionError.
+MAX_HEADER_CHAIN = 8
+#: Size of the official CIFAR-10 archive: a download of it is refused past this many bytes.
+CIFAR10_ARCHIVE_BYTES = 170_498_071
+#: Cap on any other download (a mirror's re-packed archive), CONVFLOW_MAX_DOWNLOAD_MB.
+MAX_DOWNLOAD_MB = 512
+#: Seconds a download waits on a silent server (connect or read), CONVFLOW_DOWNLOAD_TIMEOUT.
+DOWNLOAD_TIMEOUT = 30.0
 
 
 def env_number(name: str, default: float) -> float:
@@ -70,6 +82,45 @@ def too_big(what: str, size: int, limit: int, knob: str) -> UserError:
     return UserError(f"{what}: would decompress to {size / _MB:.1f} MB, more than the "
                      f"{limit / _MB:.1f} MB allowed (a decompression bomb or a file that is "
                      f"not what it claims); refused. If you trust it, raise {knob}")
+
+
+def _not_regular(path: str | Path, mode: int) -> UserError:
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or
+            stat.S_ISBLK(mode) else "a folder" if stat.S_ISDIR(mode) else "a socket"
+            if stat.S_ISSOCK(mode) else "not a file")
+    return UserError(f"{path}: {kind}, not a regular file; only regular image files are read "
+                     "(replace it with the file itself)")
+
+
+def read_regular_file(path: str | Path) -> bytes:
+    """The bytes of the regular file ``path`` (a link to one is followed), at most
+    :func:`max_file_bytes` of them.
+
+    A FIFO, device, socket or folder is refused from ``stat`` before it is opened; the file
+    is opened non-blocking and checked again, so one swapped in meanwhile cannot hang the
+    read; the cap is on the bytes actually read (a ``/proc`` file claims 0 bytes).
+    """
+    limit = max_file_bytes()
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode)
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise _not_regular(path, info.st_mode)
+            if info.st_size > limit:
+                raise too_big(str(path), info.st_size, limit, "CONVFLOW_MAX_FILE_MB")
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such image file") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+    if len(data) > limit:
+        raise UserError(f"{path}: holds more than the {limit:,} bytes allowed for one file (its "
+                        f"size said {info.st_size:,} bytes); refused. If you trust it, raise "
+                        "CONVFLOW_MAX_FILE_MB")
+    return data
 
 
 class DownloadError(TransientError):
@@ -103,48 +154,112 @@ def verify_sha256(path: str | Path, expected: str, fix: str) -> None:
     log.info("%s: sha256 verified", path)
 
 
-def download(url: str, dest: str | Path, expected_sha256: str, timeout: float = 30.0) -> Path:
-    """Download ``url`` to ``dest`` with a progress bar; keep it only if its sha256 matches."""
+def check_url(url: str) -> None:
+    """Refuse a download URL that is not http(s), or that names no file (``.../..``)."""
+    try:
+        parsed = urlparse(url)
+    except ValueError as err:
+        raise UserError(f"data.url: {shorten(url)!r} is not a valid URL ({err})") from None
+    if parsed.scheme.lower() not in ("http", "https") or not parsed.netloc:
+        raise UserError(f"data.url: {shorten(url)!r} is not an http:// or https:// URL; only "
+                        "those are downloaded (for a local file, set data.path to it)")
+    if Path(parsed.path).name == "..":
+        raise UserError(f"data.url: {shorten(url)!r} ends in '..', not a file name; give the "
+                        "archive's own URL")
+
+
+def download_cap(expected_sha256: str) -> int:
+    """The most bytes a download may stream: the official archive's exact size, else
+    CONVFLOW_MAX_DOWNLOAD_MB (a server that sends no length could otherwise fill the disk)."""
+    if expected_sha256.lower() == OFFICIAL_CIFAR10_SHA256:
+        return CIFAR10_ARCHIVE_BYTES
+    return int(env_number("CONVFLOW_MAX_DOWNLOAD_MB", MAX_DOWNLOAD_MB) * _MB)
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects to http(s) only (urllib's own handler also follows ftp://)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201, PLR0913
+        if urlparse(newurl).scheme.lower() not in ("http", "https"):
+            raise UserError(f"data.url: {shorten(req.full_url)!r} redirects to "
+                            f"{shorten(newurl)!r}, not an http(s) URL; refused")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _stream(resp: http.client.HTTPResponse, out: io.BufferedWriter, url: str, cap: int,
+            name: str) -> tuple[str, int | None]:
+    """Copy the response to ``out`` (at most ``cap`` bytes); its sha256 and announced length."""
     from tqdm import tqdm  # only a download needs it
 
+    total = int(resp.headers.get("Content-Length") or 0) or None
+    known = (f" (the CIFAR-10 archive is {CIFAR10_ARCHIVE_BYTES:,})"
+             if cap == CIFAR10_ARCHIVE_BYTES else
+             "; if the file really is larger, raise CONVFLOW_MAX_DOWNLOAD_MB")
+    too_long = UserError(f"{shorten(url)}: the server sends more than {cap:,} bytes{known}; "
+                         "refused, nothing was kept. Check data.url")
+    if (total or 0) > cap:
+        raise too_long
+    digest, size = hashlib.sha256(), 0
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
+              mininterval=0.5) as bar:
+        while block := resp.read(_BLOCK):
+            size += len(block)
+            if size > cap:
+                raise too_long
+            out.write(block)
+            digest.update(block)
+            bar.update(len(block))
+    return digest.hexdigest(), total
+
+
+def _failure(err: Exception, url: str, timeout: float, help_: str) -> UserError:
+    """The one line for a download that raised ``err`` (75: worth a retry; 2: fix the URL)."""
+    shown = shorten(url)
+    if isinstance(err, http.client.IncompleteRead):
+        return DownloadError(f"download of {shown} was cut off before the end; run again. {help_}")
+    if isinstance(err, urllib.error.HTTPError):
+        if err.code < 500 and err.code not in (408, 429):  # 404...: the URL is wrong
+            return UserError(f"could not download {shown}: HTTP {err.code} {err.reason}; "
+                             f"check data.url. {help_}")
+        return DownloadError(f"could not download {shown}: HTTP {err.code} {err.reason}. {help_}")
+    reason = getattr(err, "reason", None) or err
+    if isinstance(reason, TimeoutError | socket.timeout):
+        return DownloadError(f"could not download {shown}: the server sent nothing for "
+                             f"{timeout:g} s (timed out); run again later. {help_}")
+    if isinstance(err, urllib.error.URLError | http.client.HTTPException | OSError):
+        return DownloadError(f"could not download {shown}: {reason}. {help_}")
+    return UserError(f"data.url: cannot download {shown!r} ({err})")  # a ValueError
+
+
+def download(url: str, dest: str | Path, expected_sha256: str,
+             timeout: float | None = None) -> Path:
+    """Download ``url`` to ``dest`` with a progress bar; keep it only if its sha256 matches.
+
+    Only http(s); at most :func:`download_cap` bytes; a server silent for ``timeout`` s
+    (default CONVFLOW_DOWNLOAD_TIMEOUT, 30) ends it with exit 75, so the flow retries.
+    """
+    check_url(url)
+    timeout = timeout or env_number("CONVFLOW_DOWNLOAD_TIMEOUT", DOWNLOAD_TIMEOUT)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
     offline_help = (f"If this machine is offline, download the file elsewhere and either set "
                     f"data.path to it or copy it to {dest}.")
-    digest = hashlib.sha256()
     log.info("downloading %s to %s", url, dest)
     try:
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
-                total = int(resp.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                          desc=dest.name, mininterval=0.5) as bar:
-                    while block := resp.read(_BLOCK):
-                        out.write(block)
-                        digest.update(block)
-                        bar.update(len(block))
-        except http.client.IncompleteRead:
-            raise DownloadError(f"download of {url} was cut off before the end; run again. "
-                                f"{offline_help}") from None
-        except urllib.error.HTTPError as err:
-            if err.code < 500 and err.code not in (408, 429):  # 404...: the URL is wrong
-                raise UserError(f"could not download {url}: HTTP {err.code} {err.reason}; "
-                                f"check data.url. {offline_help}") from None
-            raise DownloadError(f"could not download {url}: HTTP {err.code} {err.reason}. "
-                                f"{offline_help}") from None
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-            reason = getattr(err, "reason", None) or err
-            raise DownloadError(f"could not download {url}: {reason}. {offline_help}") from None
-        except ValueError as err:  # not a URL urllib can open
-            raise UserError(f"data.url: cannot download {url!r} ({err})") from None
+            opener = urllib.request.build_opener(_HttpOnlyRedirects)
+            with opener.open(url, timeout=timeout) as resp, open(tmp, "wb") as out:
+                actual, total = _stream(resp, out, url, download_cap(expected_sha256),
+                                        dest.name)
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
+            raise _failure(err, url, timeout, offline_help) from None
         size = tmp.stat().st_size
         if total is not None and size != total:
-            raise DownloadError(f"download of {url} stopped after {size} of {total} bytes; "
-                                f"run again. {offline_help}")
-        actual = digest.hexdigest()
+            raise DownloadError(f"download of {shorten(url)} stopped after {size} of {total} "
+                                f"bytes; run again. {offline_help}")
         if actual != expected_sha256.lower():
-            raise UserError(f"{url}: downloaded file has sha256 {actual}, expected "
+            raise UserError(f"{shorten(url)}: downloaded file has sha256 {actual}, expected "
                             f"{expected_sha256.lower()}; it was not kept. Check data.url (a "
                             "mirror with a re-packed archive needs its own data.sha256).")
         os.replace(tmp, dest)
@@ -169,6 +284,33 @@ def check_member(member: tarfile.TarInfo, archive: str | Path) -> None:
                         "refusing to read this archive")
 
 
+class _RecordTooBig(Exception):  # noqa: N818 - not an error of ours: caught in iter_tar
+    """A tar header record over :data:`MAX_HEADER_RECORD`, or too many before one member."""
+
+
+class _CappedTarInfo(tarfile.TarInfo):
+    """tarfile's header reader, with each extended record's size checked *before* tarfile
+    reads the record whole into memory, and the chain of records bounded."""
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        extended = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                    tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+        if self.type == tarfile.GNUTYPE_SPARSE:  # never an image; its records chain unbounded
+            raise _RecordTooBig(f"member '{self.name}' is a sparse file")
+        if self.type not in extended:
+            tar._convflow_chain = 0  # noqa: SLF001 - our own counter on the archive
+            return super()._proc_member(tar)
+        tar._convflow_chain = getattr(tar, "_convflow_chain", 0) + 1  # noqa: SLF001
+        if self.size > MAX_HEADER_RECORD:
+            raise _RecordTooBig(f"a header record (long name or pax) of {self.size:,} bytes at "
+                                f"offset {self.offset:,}, more than the {MAX_HEADER_RECORD:,} "
+                                "read")
+        if tar._convflow_chain > MAX_HEADER_CHAIN:  # noqa: SLF001
+            raise _RecordTooBig(f"more than {MAX_HEADER_CHAIN} header records (long name or "
+                                f"pax) before one member, at offset {self.offset:,}")
+        return super()._proc_member(tar)
+
+
 def iter_tar(archive: str | Path, want: Callable[[tarfile.TarInfo], bool],
              ) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
     """Stream a (compressed) tar archive once: every member, checked by :func:`check_member`,
@@ -181,7 +323,7 @@ def iter_tar(archive: str | Path, want: Callable[[tarfile.TarInfo], bool],
     budget = expansion_budget(os.path.getsize(archive))
     per_file = max_file_bytes()
     try:
-        with tarfile.open(archive, "r:*") as tar:
+        with tarfile.open(archive, "r:*", tarinfo=_CappedTarInfo) as tar:
             for member in tar:
                 # streamed once: keeping every header would grow with a bomb of empty members
                 tar.members.clear()
@@ -199,48 +341,8 @@ def iter_tar(archive: str | Path, want: Callable[[tarfile.TarInfo], bool],
                     if len(data) != member.size:
                         raise EOFError(f"member '{member.name}' is cut short")
                 yield member, data
+    except _RecordTooBig as err:
+        raise UserError(f"{archive}: {err}; a crafted or corrupt archive, refused") from None
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         raise UserError(f"{archive}: truncated or corrupt archive ({err}); download or copy it "
                         "again") from None
-
-
-# ------------------------------------------------------------------------------- pickles
-def _numpy_reconstruct() -> Any:
-    try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles only what CIFAR-10's batches contain: numpy arrays, dicts, lists, bytes, str.
-
-    Containers and scalars need no import; the only globals a batch refers to are numpy's
-    array reconstruction, ``ndarray`` and ``dtype``. Any other global (``os.system``,
-    ``builtins.eval``, ...) is refused before it is imported, so a crafted pickle cannot run.
-    """
-
-    def find_class(self, module: str, name: str) -> Any:
-        allowed = {
-            ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
-            ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
-            ("numpy", "ndarray"): lambda: np.ndarray,
-            ("numpy", "dtype"): lambda: np.dtype,
-        }
-        if (module, name) not in allowed:
-            raise pickle.UnpicklingError(f"refusing to import {module}.{name}")
-        return allowed[(module, name)]()
-
-
-def restricted_loads(blob: bytes, what: str) -> Any:
-    """Unpickle ``blob`` with :class:`RestrictedUnpickler` (Python 2 strings as bytes)."""
-    try:
-        return RestrictedUnpickler(io.BytesIO(blob), encoding="bytes").load()
-    except pickle.UnpicklingError as err:
-        if "refusing" in str(err):
-            raise UserError(f"{what}: {err}, which a CIFAR-10 batch never contains; this is not "
-                            "a genuine CIFAR-10 archive and was not loaded") from None
-        raise UserError(f"{what}: corrupt pickle ({err})") from None
-    except Exception as err:  # noqa: BLE001 - any failure of a corrupt pickle is a bad input
-        raise UserError(f"{what}: corrupt pickle ({type(err).__name__}: {err})") from None
