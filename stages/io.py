@@ -37,6 +37,10 @@ IMAGE_SHAPE = (3, 32, 32)
 RAW_FIX = "re-run ingest: dvc repro -f ingest"
 PROCESSED_FIX = "re-run normalize: dvc repro -f normalize"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+#: Most classes a data set may have (ImageNet has 1000). Several outputs grow with the square
+#: of the count: the confusion matrix in metrics (81 MB of JSON, committed to git, for 3,000
+#: classes) and its plot (past 11 GB of memory).
+MAX_CLASSES = 1000
 
 
 def _no_space(err: BaseException) -> OSError | None:
@@ -199,13 +203,16 @@ def check_split(images: np.ndarray, labels: np.ndarray, n_classes: int, where: s
 
 
 def check_classes(classes: object, where: str, fix: str) -> list[str]:
-    """Class names: a list of at least 2 distinct, non-empty, printable strings."""
+    """Class names: a list of 2 to :data:`MAX_CLASSES` distinct, non-empty, printable strings."""
     if not isinstance(classes, list | tuple) or not all(isinstance(c, str) for c in classes):
         raise UserError(f"{where}: 'classes' must be a list of names, got "
                         f"{type(classes).__name__}; {fix}")
     if len(classes) < 2:
         raise UserError(f"{where}: found {len(classes)} class(es) {list(classes)}; a classifier "
                         f"needs at least 2; {fix}")
+    if len(classes) > MAX_CLASSES:
+        raise UserError(f"{where}: {len(classes):,} classes, more than the {MAX_CLASSES:,} "
+                        f"allowed (the confusion matrix grows with their square); {fix}")
     odd = [c for c in classes if not c or not c.isprintable()]
     if odd:
         # a newline in a name would forge lines in logs, plots and the metrics files

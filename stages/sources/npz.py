@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.errors import UserError
+from stages.io import MAX_CLASSES
 from stages.sources import CIFAR10_CLASSES, RawData
 from stages.sources.safety import expansion_budget, too_big
 
@@ -75,9 +76,18 @@ def _class_names(names: np.ndarray | None, y_train: np.ndarray, y_test: np.ndarr
     if names is not None:
         if names.ndim != 1 or names.dtype.kind not in "US":
             raise UserError(f"{path}: 'classes' must be a 1-D array of strings")
+        if len(names) > MAX_CLASSES:  # before building a tuple of them
+            raise UserError(f"{path}: 'classes' names {len(names):,} classes, more than the "
+                            f"{MAX_CLASSES:,} allowed (the confusion matrix grows with their "
+                            "square)")
         return tuple(str(n) for n in names)
     values = np.union1d(np.unique(y_train), np.unique(y_test))
     k = len(values)
+    if k > MAX_CLASSES:
+        raise UserError(
+            f"{path}: {k:,} distinct labels, more than the {MAX_CLASSES:,} classes allowed (the "
+            "confusion matrix grows with their square); check that y_train/y_test hold class "
+            "indices, not ids or values, or merge classes")
     if not np.array_equal(values, np.arange(k)):
         bad = values[(values < 0) | (values >= k)][:5].tolist()
         raise UserError(
