@@ -7,6 +7,8 @@ inference cannot drift from training.
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,13 @@ import torch
 from torch import nn
 
 from stages.errors import UserError
+from stages.io import check_classes
+from stages.params import shorten
 
 MODEL_FORMAT = "convflow-model/1"
+#: Largest image side a model file may declare: the pipeline's images are 32 pixels; a
+#: crafted file claiming more would make predict resize every photo to it (and blame it).
+MAX_INPUT_SIDE = 1024
 
 
 class InputNorm(nn.Module):
@@ -201,7 +208,7 @@ def save_model(path: str | Path, model: nn.Module, *, arch: str, classes: Sequen
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     model = getattr(model, "module", model)  # unwrap DDP
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    torch.save({
+    save_torch({
         "format": MODEL_FORMAT,
         "arch": arch,
         "classes": list(classes),
@@ -210,6 +217,16 @@ def save_model(path: str | Path, model: nn.Module, *, arch: str, classes: Sequen
         "state_dict": state,
         **extra,
     }, path)
+
+
+def save_torch(obj: dict[str, Any], path: str | Path) -> None:
+    """``torch.save`` through memory, then one plain write: a full disk is then an OSError
+    (ENOSPC) that :func:`stages.io.atomic_file` reports in one line, where torch's own
+    writer raises a RuntimeError that hides it."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu"
@@ -237,31 +254,54 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"
     return model.to(map_location), meta
 
 
+def _numbers(values: object, n: int) -> bool:
+    return isinstance(values, list) and len(values) == n and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        for v in values)
+
+
+def check_model_meta(blob: dict[str, Any]) -> str | None:
+    """What is wrong with a model file's metadata (None if nothing): every field a reader
+    uses is checked here, so a crafted file is one line, never a traceback or a blamed image."""
+    norm, spec = blob.get("normalization"), blob.get("input")
+    shape = spec.get("shape") if isinstance(spec, dict) else None
+    arch = blob.get("arch")
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        return f"architecture {shorten(repr(arch))} is not one of {sorted(ARCHITECTURES)}"
+    try:  # printable (a newline would forge output lines), distinct, 2..MAX_CLASSES
+        check_classes(blob.get("classes"), "'classes'", "")
+    except UserError as err:
+        return str(err).rstrip("; ")
+    if not isinstance(norm, dict) or not all(
+            isinstance(norm.get(k), list) and len(norm[k]) == 3 for k in ("mean", "std")):
+        return "'normalization' lacks 3 mean and 3 std values"
+    if not (_numbers(norm["mean"], 3) and _numbers(norm["std"], 3)):
+        return (f"'normalization' mean {shorten(norm['mean'])} / std {shorten(norm['std'])} "
+                "are not all finite numbers")
+    if min(norm["std"]) <= 0:
+        return f"'normalization' std {norm['std']} is not positive"
+    if not (isinstance(shape, list) and len(shape) == 3 and shape[0] == 3 and all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_INPUT_SIDE
+            for v in shape)):
+        return (f"input shape {shorten(repr(shape))} is not [3, height, width] with sides of "
+                f"1 to {MAX_INPUT_SIDE} pixels")
+    if not isinstance(blob.get("state_dict"), dict):
+        return "it holds no weights ('state_dict')"
+    return None
+
+
 def _rebuild(blob: dict[str, Any], path: Path) -> nn.Module:
     """The model a file describes; a field missing or not fitting the rest is one UserError."""
     fix = "re-run `dvc repro -f train` or pass the right --model"
-    norm, shape = blob.get("normalization"), (blob.get("input") or {}).get("shape")
-    problem = None
-    if blob.get("arch") not in ARCHITECTURES:
-        problem = f"architecture {blob.get('arch')!r} is not one of {sorted(ARCHITECTURES)}"
-    elif not isinstance(blob.get("classes"), list) or len(blob["classes"]) < 2 \
-            or not all(isinstance(c, str) for c in blob["classes"]):
-        problem = "'classes' is not a list of at least 2 names"
-    elif not isinstance(norm, dict) or not all(
-            isinstance(norm.get(k), list) and len(norm[k]) == 3 for k in ("mean", "std")):
-        problem = "'normalization' lacks 3 mean and 3 std values"
-    elif not (isinstance(shape, list) and len(shape) == 3 and shape[0] == 3
-              and all(isinstance(v, int) and v > 0 for v in shape)):
-        problem = f"input shape {shape!r} is not [3, height, width]"
-    elif not isinstance(blob.get("state_dict"), dict):
-        problem = "it holds no weights ('state_dict')"
+    problem = check_model_meta(blob)
     if problem:
         raise UserError(f"{path}: {problem}; {fix}")
+    norm = blob["normalization"]
     model = build_model(blob["arch"], len(blob["classes"]), norm["mean"], norm["std"])
     try:
         model.load_state_dict(blob["state_dict"])
     except (RuntimeError, TypeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: the weights do not fit a {blob['arch']} for "
-                        f"{len(blob['classes'])} classes ({first}); {fix}") from None
+                        f"{len(blob['classes'])} classes ({shorten(first, 200)}); {fix}") from None
     return model

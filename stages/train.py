@@ -43,7 +43,7 @@ from stages.errors import UserError, run_cli
 from stages.fingerprint import code_fingerprint, data_fingerprint, run_fingerprint
 from stages.io import atomic_file, read_processed, remove_output
 from stages.loader import TrainLoader
-from stages.models import build_model, save_model
+from stages.models import build_model, save_model, save_torch
 from stages.params import TrainParams, load_params
 from stages.recipe import (
     Lookahead,
@@ -404,7 +404,7 @@ def train_process(data_dir: str, model_path: str, checkpoint_path: str, live_dir
         state = state_fn()
         state.update(format=CHECKPOINT_FORMAT, fingerprint=fingerprint)
         with atomic_file(checkpoint_path) as tmp:
-            torch.save(state, tmp)
+            save_torch(state, tmp)  # a full disk: one line, as for every output
         live.epoch(record)
 
     t0 = time.perf_counter()
