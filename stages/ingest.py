@@ -56,8 +56,11 @@ def write_raw(out: str | Path, data: RawData) -> None:
         write_json(tmp / "meta.json", raw_meta(data))
 
 
-def drop_duplicates(data: RawData, drop: bool) -> tuple[RawData, Duplicates, int]:
-    """Count exact duplicates (a train image in test is a leak); drop them from train if asked."""
+def drop_duplicates(data: RawData, drop: bool, origin: str = "data"
+                    ) -> tuple[RawData, Duplicates, int]:
+    """Count exact duplicates (a train image in test is a leak); drop them from train if asked.
+
+    Dropping every training image is an error here, not an empty split for normalize."""
     dups = find_duplicates(data)
     if len(dups.train_in_test):
         log.warning("%d training image(s) also in the test split (a leak)%s",
@@ -67,6 +70,11 @@ def drop_duplicates(data: RawData, drop: bool) -> tuple[RawData, Duplicates, int
         log.warning("%d training image(s) repeat an earlier one%s", len(dups.within_train),
                     "; dropped" if drop else "")
     dropped = dups.drop() if drop else np.empty(0, np.int64)
+    if len(dropped) and len(dropped) == len(data.train_labels):
+        raise UserError(f"{origin}: data.drop_duplicates removed all {len(dropped)} training "
+                        "images (each is in the test split or repeats an earlier one), so no "
+                        "training images are left; check the data, or set "
+                        "data.drop_duplicates: false")
     return (drop_train(data, dropped) if len(dropped) else data), dups, len(dropped)
 
 
@@ -97,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         data = load_source(p)
         validate_raw(data, p.path or p.source)
-        data, dups, dropped = drop_duplicates(data, p.drop_duplicates)
+        data, dups, dropped = drop_duplicates(data, p.drop_duplicates, p.path or p.source)
         write_raw(args.out, data)
         if args.report:
             write_report(args.report, build_report(
