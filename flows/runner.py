@@ -142,22 +142,63 @@ def guarded(cmd: list[str]) -> list[str]:
     return [sys.executable, str(GUARD), str(os.getpid()), str(KILL_GRACE_S), "--", *cmd]
 
 
-def kill_group(proc: subprocess.Popen, grace_s: float = KILL_GRACE_S) -> None:
-    """SIGTERM the process group ``proc`` leads, then SIGKILL whatever is left after ``grace_s``."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``, read from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            # the leader is gone; a child that ignored SIGTERM may still hold the group
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # the process ended while we looked
             continue
+        # fields: state, ppid, pgrp, ...; a zombie runs no code and waits only to be reaped
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _group_gone(pgid: int, wait_s: float) -> bool:
+    deadline = time.monotonic() + wait_s
+    while group_members(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def end_group(pgid: int, grace_s: float = KILL_GRACE_S, log: Any = None) -> None:
+    """Return only once no process of group ``pgid`` is alive: SIGTERM, ``grace_s``, SIGKILL.
+
+    The guard normally does this; when the guard itself was killed (SIGKILL, OOM), DVC and
+    the stage under it are orphans that would go on writing outputs after the flow reported
+    the failure and freed the stage's slot.
+    """
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 30.0)):
+        if not group_members(pgid):
+            return
+        if log is not None:
+            log.warning("process group %d outlived its guard: sending %s", pgid,
+                        signal.Signals(sig).name)
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        if _group_gone(pgid, wait_s):
+            return
+    if log is not None:
+        log.error("process group %d still has %s after SIGKILL", pgid, group_members(pgid))
+
+
+def kill_group(proc: subprocess.Popen, grace_s: float = KILL_GRACE_S) -> None:
+    """SIGTERM the process group ``proc`` leads, SIGKILL it after ``grace_s``; wait until gone."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
         return
+    try:
+        proc.wait(timeout=grace_s)  # the guard ends its own group, SIGKILL included
+    except subprocess.TimeoutExpired:
+        pass
+    end_group(proc.pid, grace_s=0.0)  # a child that ignored SIGTERM may still hold the group
 
 
 def api_url() -> str | None:
@@ -223,6 +264,9 @@ def run_guarded(cmd: list[str], root: Path, label: str, timeout_s: float | None,
     except BaseException:  # the flow itself is cancelled or lost: take the stage down with it
         kill_group(proc)
         raise
+    # the guard is gone, but perhaps not its group (a guard killed outright ends nothing):
+    # nothing of this stage may write once the caller reports the failure or frees the slot
+    end_group(proc.pid, log=log)
     reader.join(timeout=5)
     return "".join(lines), proc.returncode, timed_out
 

@@ -138,6 +138,60 @@ def test_sigkill_of_the_flow_leaves_no_stage_running(prefect_api, tmp_path) -> N
                 pass
 
 
+def _guard_of(stage: str) -> int | None:
+    """The pid of the guard (flows/guard.py) running ``dvc repro --single-item stage``."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"flows/guard.py") for a in args) and stage.encode() in args:
+            return int(cmdline.parent.name)
+    return None
+
+
+@pytest.mark.slow  # the real pipeline's stages before a real (slowed) training
+def test_sigkill_of_the_guard_ends_the_stage_before_the_flow_reports(prefect_api, tmp_path):
+    from conftest import make_pipeline_repo
+
+    from flows.runner import group_members
+
+    # enough epochs that training outlives the test by far if nothing stops it
+    repo = make_pipeline_repo(tmp_path / "repo", {"train": {"epochs": 200}})
+    model, checkpoint = repo / "models" / "model.pt", repo / "models" / "checkpoint.pt"
+    flow_proc = subprocess.Popen(
+        [sys.executable, "-m", "flows", "run", "--root", str(repo), "--retries", "0"],
+        cwd=PROJECT, env=api_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+    guard = None
+    try:
+        deadline = time.monotonic() + 240
+        while not checkpoint.exists():  # training has finished an epoch
+            assert flow_proc.poll() is None and time.monotonic() < deadline, \
+                flow_proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        guard = _guard_of("train")
+        assert guard is not None and len(group_members(guard)) >= 3  # guard, dvc, train
+        os.kill(guard, signal.SIGKILL)
+        out, err = flow_proc.communicate(timeout=120)
+        left = group_members(guard)  # the flow has reported: nothing of the stage may run
+        assert not left, "the stage outlived the failed flow:\n" + _process_table(left)
+        assert flow_proc.returncode == 1, err[-3000:]
+        assert "stage 'train' failed" in err, err[-3000:]
+        written = checkpoint.stat().st_mtime_ns
+        time.sleep(3)  # several epochs' time: an orphaned training would write again
+        assert not model.exists() and checkpoint.stat().st_mtime_ns == written
+    finally:
+        if flow_proc.poll() is None:
+            os.killpg(flow_proc.pid, signal.SIGKILL)
+            flow_proc.wait()
+        if guard is not None:
+            try:
+                os.killpg(guard, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def _process_table(pids: list[int]) -> str:
     """``ps`` lines for ``pids`` and their process-group leaders (the guard leads the group)."""
     leaders = set()
