@@ -33,6 +33,7 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows import checkout
 from flows.dvc_adapter import dvc_command, dvc_env
 from flows.runner import DVC_ERROR, StageFailed, dvc_failure, retry_if_transient, run_guarded
 
@@ -46,10 +47,11 @@ PUSH_ATTEMPTS = 5
 #: Seconds a ``dvc pull``/``push`` may take before it counts as stalled (then retried).
 REMOTE_TIMEOUT_S = 3 * 3600
 #: DVC errors that retrying cannot fix: bad credentials, a missing bucket, no remote set.
+#: Whole words only: "403" inside an object's hash is no HTTP status.
 _PERMANENT = re.compile(
-    r"403|Forbidden|AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|NoSuchBucket|"
-    r"no remote specified|is not a valid|Unable to locate credentials|Not a directory|"
-    r"config file error", re.IGNORECASE)
+    r"\b(?:403|Forbidden|AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|NoSuchBucket|"
+    r"no remote specified|(?:is|are) not (?:a )?valid|Unable to locate credentials|"
+    r"Not a directory|config file error)\b", re.IGNORECASE)
 
 
 class PublishError(StageFailed):
@@ -276,8 +278,13 @@ def _push_failure(proc: subprocess.CompletedProcess) -> str:
 
 
 def _rejected(porcelain: str) -> bool:
-    """Whether ``git push --porcelain`` says a ref was rejected (not a transport failure)."""
-    return any(line.startswith("!\t") for line in porcelain.splitlines())
+    """Whether ``git push --porcelain`` says another push got there first.
+
+    Only ``[rejected]`` (not a fast-forward) is that race; ``[remote rejected]`` is the
+    server refusing the push (a pre-receive hook, a protected branch): no retry helps.
+    """
+    return any(line.startswith("!\t") and "\t[rejected]" in line
+               for line in porcelain.splitlines())
 
 
 def _set_branch(root: Path, branch: str, commit: str, current: str) -> None:
@@ -336,8 +343,19 @@ def _with_retries(task_: Any, retries: int, retry_delay_s: float) -> Any:
     return task_.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
 
 
-def start_run(root: str | Path, retries: int = 2, retry_delay_s: float = 10.0) -> None:
-    """In a flow: ``dvc pull --allow-missing``, retried while the remote may come back."""
+@task(name="git-fetch", task_run_name="git-fetch", cache_policy=NO_CACHE,
+      retry_condition_fn=retry_if_transient)
+def fetch_task(root: str, branch: str | None) -> list[str]:
+    """Full history and tags from origin; the last results of ``branch`` (``checkout``)."""
+    checkout.deepen(root)
+    return checkout.seed_from_results(root, branch)
+
+
+def start_run(root: str | Path, retries: int = 2, retry_delay_s: float = 10.0,
+              branch: str | None = None) -> None:
+    """In a flow: a deep clone with tags, seeded from ``branch``'s last results, then
+    ``dvc pull --allow-missing``; each retried while the remote may come back."""
+    _with_retries(fetch_task, retries, retry_delay_s)(str(root), branch)
     _with_retries(pull_task, retries, retry_delay_s)(str(root))
 
 
