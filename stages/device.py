@@ -99,7 +99,7 @@ def keep_freed_memory() -> bool:
     A CPU training step allocates and frees the same few-MB activations every step. With
     glibc's defaults each of them is a fresh ``mmap`` (or heap memory trimmed back to the
     OS), so every step pays its page faults again: ~18 % of a seed-net step on a 2-core
-    VM (docs/training-recipes.md). Raising the mmap threshold to its maximum (32 MiB) and
+    VM (benchmarks/README.md). Raising the mmap threshold to its maximum (32 MiB) and
     the trim threshold to 1 GiB makes the heap keep them, as jemalloc/tcmalloc would; the
     process's resident memory then stays at its peak. Elsewhere than glibc: a no-op.
     Returns whether it applied.
@@ -144,7 +144,7 @@ def resolve_settings(device: torch.device, precision: str = "auto",
                      ) -> Settings:
     """Turn the ``auto`` precision / layout / compile params into choices for ``device``.
 
-    Measured for the seed net on a 2-core AVX512-BF16 CPU (docs/training-recipes.md):
+    Measured for the seed net on a 2-core AVX512-BF16 CPU (benchmarks/README.md):
     channels-last and bf16 autocast are each faster, torch.compile spends ~30 s compiling
     and then runs slower. On CUDA bf16 autocast, channels-last and compile are the fast path.
     """

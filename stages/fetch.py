@@ -31,7 +31,7 @@ log = logging.getLogger("convflow.fetch")
 
 #: What the folder holds when there is nothing to download (constant, so its hash is stable).
 NOTE = ("Nothing fetched: only data.source cifar10 with data.path pointing at this folder\n"
-        "downloads here (see docs/data-versioning.md).\n")
+        "downloads here (see docs/data.md).\n")
 
 
 def archive_name(url: str) -> str:
