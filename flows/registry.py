@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from stages.paths import find_root, pipeline_paths
 from stages.registered_model import PROD, model_artifact
 
 log = logging.getLogger("convflow.registry")
+#: A version as GTO names them (semver with a leading v).
+VERSION = re.compile(r"v\d{1,9}\.\d{1,9}\.\d{1,9}")
 
 _HEADER = ("# The model in production (GTO stage `prod`), the gate's baseline for gate.max_drop.\n"
            "# Written by `python -m flows run` / `python -m flows promote` from the registry;\n"
@@ -99,32 +102,99 @@ def has_origin(root: str | Path) -> bool:
                           capture_output=True).returncode == 0
 
 
-def register_version(root: str | Path, message: str, ref: str = "HEAD",
-                     push: bool = False) -> str:
-    """Register ``ref`` as the next version of the model artifact; its ``name@version`` tag."""
+def model_hash(root: str | Path, rev: str) -> str | None:
+    """The DVC hash ``dvc.lock`` records at git ``rev`` for the model file (None if none)."""
+    _, path = model_artifact(root)
+    shown = subprocess.run(["git", "show", f"{rev}:dvc.lock"], cwd=root, capture_output=True,
+                           text=True)
+    if shown.returncode != 0:
+        return None
+    for stage in ((yaml.safe_load(shown.stdout) or {}).get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            if out.get("path") == path:
+                return out.get("md5") or out.get("hash")
+    return None
+
+
+def register_version(root: str | Path, message: str, ref: str = "HEAD") -> str:
+    """Register ``ref`` as the next version of the model artifact; its ``name@version`` tag.
+
+    A model file whose DVC hash equals the latest registered version's is no new version
+    (a run that changed only figures): that version is returned instead.
+    """
     import gto.api
 
     name, _ = model_artifact(root)
-    reg = gto.api.register(str(root), name, ref, message=message, push=push)
+    latest = _gto(gto.api.find_latest_version, str(root), name, missing=None)
+    current = model_hash(root, ref)
+    if latest is not None and current and model_hash(root, latest.commit_hexsha) == current:
+        log.info("model unchanged since %s@%s: no new version", name, latest.version)
+        return f"{name}@{latest.version}"
+    reg = _gto(gto.api.register, str(root), name, ref, message=message)
     return f"{name}@{reg.version}"
+
+
+def _gto(call: Any, *args: Any, missing: Any = ..., **kwargs: Any) -> Any:
+    """A GTO call; its errors as one-line UserErrors (``missing``: returned when nothing is
+    registered yet, if given)."""
+    from gto.exceptions import ArtifactNotFound, GTOException
+
+    from stages.errors import UserError
+
+    try:
+        return call(*args, **kwargs)
+    except ArtifactNotFound:
+        if missing is not ...:
+            return missing
+        raise UserError("nothing is registered yet: a flow run that passes the gate "
+                        "with --commit registers a version") from None
+    except GTOException as exc:
+        raise UserError(f"model registry: {' '.join(str(exc).split())[:300]}") from None
+
+
+def push_tags(root: str | Path) -> None:
+    """Push the model artifact's registry tags (versions and stages) to ``origin``."""
+    from flows.runner import StageFailed
+
+    name, _ = model_artifact(root)
+    refspecs = [f"refs/tags/{name}{sep}*:refs/tags/{name}{sep}*" for sep in ("@", "#")]
+    proc = subprocess.run(["git", "push", "-q", "origin", *refspecs], cwd=root,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise StageFailed("git push", f"the registry tags of '{name}' were not pushed to "
+                          f"origin: {last[0]}", proc.returncode, True, kind="step")
 
 
 def promote(root: str | Path, version: str | None = None, stage: str = PROD,
             push: bool = False) -> str:
-    """Assign ``stage`` to ``version`` (default: the latest registered); ``name@version``."""
+    """Assign ``stage`` to ``version`` (default: the latest registered); ``name@version``.
+
+    Idempotent: a version already in ``stage`` stays as it is (its tags are still pushed
+    when ``push``). Every mistake is a one-line UserError.
+    """
     import gto.api
 
+    from flows.checkout import check_stage_name
+    from stages.errors import UserError
+
+    check_stage_name(stage)
     name, _ = model_artifact(root)
     if version is None:
-        latest = gto.api.find_latest_version(str(root), name)
+        latest = _gto(gto.api.find_latest_version, str(root), name, missing=None)
         if latest is None:
-            from stages.errors import UserError
-
             raise UserError(f"no registered version of '{name}' to promote: a flow run "
                             "that passes the gate with --commit registers one")
         version = latest.version
-    gto.api.assign(str(root), name, stage, version=version,
-                   message=f"convflow: {name}@{version} -> {stage}", push=push)
+    if not VERSION.fullmatch(version):
+        shown = version if len(version) <= 40 else version[:40] + "..."
+        raise UserError(f"version {shown!r}: expected one like v0.0.3")
+    current = production(root, stage)
+    if current is None or current["version"] != version:
+        _gto(gto.api.assign, str(root), name, stage, version=version,
+             message=f"convflow: {name}@{version} -> {stage}")
+    if push and has_origin(root):
+        push_tags(root)
     if stage == PROD:
         refresh_baseline(root)
     return f"{name}@{version}"
@@ -138,9 +208,10 @@ def ship(root: str | Path, message: str, stage: str | None, push: bool, flow_log
         model_artifact(root)
     except UserError:  # no model artifact declared (a toy pipeline): nothing to register
         return
-    push_tags = push and has_origin(root)
-    version = register_version(root, message, push=push_tags)
+    version = register_version(root, message)
     flow_log.info("registered %s", version)
     if stage:
-        promote(root, version.split("@", 1)[1], stage, push=push_tags)
+        promote(root, version.split("@", 1)[1], stage)
         flow_log.info("%s is now in stage '%s'", version, stage)
+    if push and has_origin(root):
+        push_tags(root)

@@ -34,23 +34,46 @@ def model_artifact(root: str | Path) -> tuple[str, str]:
     raise UserError(f"{DVC_YAML}: no model under 'artifacts:' to register")
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
 def fetch_model(repo: str | Path, stage: str = PROD, out: str | Path | None = None,
                 name: str | None = None) -> Path:
-    """Download the model in registry ``stage`` of ``repo`` (a path or git URL) to ``out``."""
+    """Download the model in registry ``stage`` of ``repo`` (a path or git URL) to ``out``.
+
+    Nothing in ``stage``, or its model in neither the DVC cache nor the remote, is a
+    one-line UserError naming what to do.
+    """
     import dvc.api
+    from dvc.exceptions import ArtifactNotFoundError, DvcException
 
     if name is None:
         name = model_artifact(repo)[0] if Path(str(repo)).is_dir() else DEFAULT_ARTIFACT
-    found = dvc.api.artifacts_show(name, stage=stage, repo=str(repo))
+    try:
+        found = dvc.api.artifacts_show(name, stage=stage, repo=str(repo))
+    except ArtifactNotFoundError:
+        raise UserError(
+            f"no version of '{name}' is in registry stage '{stage}' here: promote one with "
+            f"`python -m flows promote --stage {stage} --push`, or `git fetch --tags` if it "
+            "was (a stage tag that was never pushed is only in the clone that made it)"
+        ) from None
     if out is None and Path(str(repo)).is_dir():  # git-ignored, replaced on each fetch
         out = find_root(repo) / ".dvc" / "tmp" / "registry" / stage / Path(found["path"]).name
     dest = Path(out) if out else Path(tempfile.mkdtemp(prefix="convflow-model-")) / "model.pt"
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
-    with dvc.api.open(found["path"], repo=str(repo), rev=found["rev"], mode="rb") as src, \
-            open(tmp, "wb") as dst:
-        while chunk := src.read(1 << 20):
-            dst.write(chunk)
+    try:
+        with dvc.api.open(found["path"], repo=str(repo), rev=found["rev"], mode="rb") as src, \
+                open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+    except (DvcException, FileNotFoundError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(
+            f"the model of {name}#{stage} ({found['path']} at {found['rev'][:7]}) is in "
+            "neither the DVC cache nor the DVC remote: `dvc push` it from the clone that "
+            f"trained it ({_one_line(exc)})") from None
     tmp.replace(dest)
     log.info("%s model %s@%s -> %s", stage, name, found["rev"][:7], dest)
     return dest
