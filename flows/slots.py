@@ -1,37 +1,60 @@
-"""Resource slots: one Prefect global concurrency limit shared by every flow that trains.
+"""Resource slots: Prefect global concurrency limits held by every flow that trains.
 
 Whoever starts a training stage (the pipeline flow, each sweep point, a served schedule, a
-worker run) holds one slot of the limit while it runs, so two runs never train on the same
-GPU at once. The Prefect server keeps the count, so the limit holds across processes and
-machines. Slots are leases: released when the block ends (success, failure, timeout,
-cancellation), and, if the holding process is killed outright, when the lease expires.
+worker run) holds a lease while it runs, so two runs never train on the same GPU at once.
+The Prefect server keeps the count, so the limit holds across processes and machines.
+Leases are released when the block ends (success, failure, timeout, cancellation) and, if
+the holder is killed outright, lapse after ``CONVFLOW_LEASE_S``. They survive a server
+restart only where the server keeps them on disk (``PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE``
+set to :data:`DISK_LEASES`); a run that waits says when the server keeps them in memory.
+
+* On a machine with devices (``CONVFLOW_DEVICES``, else what torch sees), a run leases one
+  device of that machine: the limit ``<slot>:<host>:<device>`` of size 1, and its stages
+  see only that device (``CUDA_VISIBLE_DEVICES``); a worker runs with ``--limit N``.
+* On a machine without, a run holds one slot of the team-wide limit ``<slot>``.
 
 Configured by environment, so deployments, workers and ``serve`` share it:
 
 * ``CONVFLOW_SLOT``: the limit's name (default ``convflow-gpu``; ``off`` disables slots);
-* ``CONVFLOW_SLOT_SIZE``: its size when this code creates it (default: the number of GPUs,
-  at least 1); an existing limit keeps its size (``prefect gcl update NAME --limit N``);
+* ``CONVFLOW_SLOT_SIZE``: the team-wide limit's size when this code creates it (default 1);
 * ``CONVFLOW_SLOT_STAGES``: the pipeline stages that take a slot (default ``train``);
-* ``CONVFLOW_SLOT_NOTICE_S``: seconds without a slot before a run logs that it waits (2).
+* ``CONVFLOW_SLOT_NOTICE_S``: seconds without a slot before a run logs that it waits (2);
+* ``CONVFLOW_SLOT_WAIT_S``: seconds a run waits for a slot before it fails (21600);
+* ``CONVFLOW_LEASE_S``: seconds a lease outlives a killed holder (60, Prefect's least);
+* ``CONVFLOW_DEVICES``: this machine's devices (``0,1``; empty: none), instead of torch's.
 """
 
 from __future__ import annotations
 
 import os
 import queue
-import shutil
-import subprocess
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
+from functools import lru_cache
 from typing import Any
+from uuid import UUID
 
 DEFAULT_SLOT = "convflow-gpu"
-#: Seconds a slot outlives a holder that died without releasing it (renewed while alive).
+#: Seconds a lease outlives a holder that died without releasing it (renewed while alive);
+#: Prefect's server refuses shorter leases.
 LEASE_S = 60.0
 #: Seconds without a slot after which a run logs that it waits (CONVFLOW_SLOT_NOTICE_S).
 WAIT_NOTICE_S = 2.0
+#: Seconds a run waits for a slot before it fails (CONVFLOW_SLOT_WAIT_S).
+MAX_WAIT_S = 6 * 3600.0
+#: Seconds between a waiting run's tries of a machine's devices.
+POLL_S = 1.0
+#: The Prefect server's lease storage that survives its restart.
+DISK_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
+_BANNED = str.maketrans({c: "-" for c in "/%&><:"})  # not allowed in Prefect names (and ':')
+
+
+class SlotTimeout(RuntimeError):
+    """No slot or device came free within ``CONVFLOW_SLOT_WAIT_S``."""
 
 
 def slot_name() -> str | None:
@@ -46,16 +69,57 @@ def slot_stages() -> set[str]:
             if s.strip()}
 
 
+def lease_s() -> float:
+    """Seconds a lease outlives a killed holder (``CONVFLOW_LEASE_S``, at least Prefect's 60)."""
+    return max(LEASE_S, float(os.environ.get("CONVFLOW_LEASE_S", LEASE_S)))
+
+
+def _env_s(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def _clock() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@lru_cache(maxsize=1)
+def _torch_devices() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count()
+
+
 def gpu_ids() -> list[str]:
-    """The GPUs this process may use: ``CUDA_VISIBLE_DEVICES`` if set, else ``nvidia-smi -L``."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
-    if shutil.which("nvidia-smi") is None:
-        return []
-    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
-    return [str(i) for i, line in enumerate(listed.stdout.splitlines())
-            if line.startswith("GPU ")] if listed.returncode == 0 else []
+    """This machine's devices: ``CONVFLOW_DEVICES``, else ``CUDA_VISIBLE_DEVICES``, else torch's."""
+    for var in ("CONVFLOW_DEVICES", "CUDA_VISIBLE_DEVICES"):
+        listed = os.environ.get(var)
+        if listed is not None:
+            return [d.strip() for d in listed.split(",") if d.strip() and d.strip() != "-1"]
+    return [str(i) for i in range(_torch_devices())]
+
+
+def machine() -> str:
+    """This machine's name in its device limits (the host name)."""
+    return socket.gethostname().translate(_BANNED) or "localhost"
+
+
+def device_limit(device: str, name: str | None = None) -> str:
+    """The limit of one device of this machine: ``<slot>:<host>:<device>``."""
+    return f"{name or slot_name()}:{machine()}:{device.translate(_BANNED)}"
+
+
+def server_lease_storage() -> str | None:
+    """Where the Prefect server keeps its leases (its setting), or None if it does not say."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            found = client.request("GET", "/admin/settings").json()
+        return found["server"]["concurrency"]["lease_storage"]
+    except Exception:  # an older server or Prefect Cloud: nothing to advise
+        return None
 
 
 def ensure_limit(name: str, size: int | None = None) -> Any:
@@ -65,7 +129,7 @@ def ensure_limit(name: str, size: int | None = None) -> Any:
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     if size is None:
-        size = int(os.environ.get("CONVFLOW_SLOT_SIZE", "0")) or max(1, len(gpu_ids()))
+        size = int(os.environ.get("CONVFLOW_SLOT_SIZE", "0")) or 1
     with get_client(sync_client=True) as client:
         try:
             return client.read_global_concurrency_limit_by_name(name)
@@ -79,45 +143,172 @@ def ensure_limit(name: str, size: int | None = None) -> Any:
         return client.read_global_concurrency_limit_by_name(name)
 
 
+def _in_use(names: list[str]) -> str:
+    """``N/M in use`` over the limits ``names``, read now."""
+    limits = [ensure_limit(n) for n in names]
+    return f"{sum(lim.active_slots for lim in limits)}/{sum(lim.limit for lim in limits)} in use"
+
+
+def _notice(log: Any, what: str, names: list[str], label: str) -> threading.Timer:
+    """A timer that logs, once, that ``what`` waits, how full the limits are and until when."""
+    def say() -> None:
+        give_up = datetime.fromtimestamp(time.time() + _env_s("CONVFLOW_SLOT_WAIT_S",
+                                                               MAX_WAIT_S), timezone.utc)
+        log.info("%s waits for %s (%s) since %s; gives up at %s", what, label, _in_use(names),
+                 _clock(), give_up.strftime("%Y-%m-%d %H:%M:%S UTC"))
+        storage = server_lease_storage()
+        if storage is not None and storage != DISK_LEASES:
+            log.warning("the Prefect server keeps leases in %s: a restart strands the slots "
+                        "held across it; start it with PREFECT_SERVER_CONCURRENCY_LEASE_"
+                        "STORAGE=%s", storage.rsplit(".", 1)[-1], DISK_LEASES)
+
+    timer = threading.Timer(_env_s("CONVFLOW_SLOT_NOTICE_S", WAIT_NOTICE_S), say)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 @contextmanager
 def slot(log: Any, what: str) -> Iterator[None]:
-    """Hold one slot of the configured limit around the block; log waiting, taking, freeing."""
+    """Hold one slot of the team-wide limit around the block; log waiting, taking, freeing."""
     from prefect.concurrency.sync import concurrency
 
     name = slot_name()
     if name is None:
         yield
         return
-    limit = ensure_limit(name)
-    waited = time.monotonic()
-    # said only if the slot is not granted at once (a first try with a timeout would make
-    # Prefect log an error)
-    notice_s = float(os.environ.get("CONVFLOW_SLOT_NOTICE_S", WAIT_NOTICE_S))
-    notice = threading.Timer(notice_s, log.info, args=(
-        "%s waits for a slot of '%s' (%d/%d in use)", what, name, limit.limit, limit.limit))
-    notice.daemon = True
-    notice.start()
+    ensure_limit(name)
+    waited, wait_s = time.monotonic(), _env_s("CONVFLOW_SLOT_WAIT_S", MAX_WAIT_S)
+    # said only if the slot is not granted at once (a first try with a short timeout would
+    # make Prefect log an error)
+    notice = _notice(log, what, [name], f"a slot of '{name}'")
+    taken = False
     try:
-        with concurrency(name, occupy=1, lease_duration=LEASE_S, strict=True):
+        with concurrency(name, occupy=1, lease_duration=lease_s(), strict=True,
+                         timeout_seconds=wait_s):
             notice.cancel()
-            log.info("%s took a slot of '%s' at %.3f (waited %.1f s)", what, name,
-                     time.time(), time.monotonic() - waited)
+            taken = True
+            log.info("%s took a slot of '%s' at %s (waited %.1f s)", what, name, _clock(),
+                     time.monotonic() - waited)
             try:
                 yield
             finally:
-                log.info("%s frees its slot of '%s' at %.3f", what, name, time.time())
+                log.info("%s frees its slot of '%s' at %s", what, name, _clock())
+    except TimeoutError:
+        if taken:  # the block's own timeout, not the wait's
+            raise
+        raise SlotTimeout(f"{what} found no free slot of '{name}' in {wait_s:.0f} s "
+                          f"({_in_use([name])}; CONVFLOW_SLOT_WAIT_S)") from None
     finally:
         notice.cancel()
 
 
+def _take(client: Any, name: str) -> UUID | None:
+    """A lease of one slot of ``name`` if one is free now, else None (never waits)."""
+    import httpx
+
+    try:
+        response = client.increment_concurrency_slots_with_lease(
+            names=[name], slots=1, mode="concurrency", lease_duration=lease_s())
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code == 423:  # locked: all its slots are taken
+            return None
+        raise
+    return UUID(response.json()["lease_id"])
+
+
+def _take_any(limits: dict[str, str], what: str) -> tuple[str, UUID]:
+    """The first device of ``limits`` that comes free, and its lease; SlotTimeout if none."""
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + _env_s("CONVFLOW_SLOT_WAIT_S", MAX_WAIT_S)
+    with get_client(sync_client=True) as client:
+        while True:
+            for device, name in limits.items():
+                lease = _take(client, name)
+                if lease is not None:
+                    return device, lease
+            if time.monotonic() >= deadline:
+                raise SlotTimeout(
+                    f"{what} found no free device of {machine()} in "
+                    f"{_env_s('CONVFLOW_SLOT_WAIT_S', MAX_WAIT_S):.0f} s "
+                    f"({_in_use(list(limits.values()))}; CONVFLOW_SLOT_WAIT_S)")
+            time.sleep(POLL_S)
+
+
+def _renew(lease: UUID, name: str, stop: threading.Event, log: Any) -> None:
+    """Renew ``lease`` every quarter of its time until ``stop``; a failed renewal is logged."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        while not stop.wait(lease_s() / 4):
+            try:
+                client.renew_concurrency_lease(lease_id=lease, lease_duration=lease_s())
+            except Exception as exc:  # the server restarting: the next renewal may succeed
+                log.warning("could not renew the lease of '%s': %s", name, exc)
+
+
+def _release(lease: UUID, name: str, log: Any) -> None:
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.release_concurrency_slots_with_lease(lease_id=lease)
+    except Exception as exc:  # the lease lapses on its own within lease_s()
+        log.warning("could not release '%s' (%s): it lapses within %.0f s", name, exc,
+                    lease_s())
+
+
 @contextmanager
-def stage_slot(stage: str, log: Any) -> Iterator[None]:
-    """A slot around ``stage`` if it is a training stage (``CONVFLOW_SLOT_STAGES``)."""
-    if stage.split("@")[0] not in slot_stages():
-        yield
+def device_lease(log: Any, what: str = "training") -> Iterator[dict[str, str]]:
+    """One device of this machine for the block; yields the env its commands need.
+
+    ``{"CUDA_VISIBLE_DEVICES": device}`` while a lease of ``<slot>:<host>:<device>`` is held;
+    ``{}`` on a machine without devices, holding one team-wide slot instead; ``{}`` when
+    slots are off.
+    """
+    name, devices = slot_name(), gpu_ids()
+    if name is None or not devices:
+        with slot(log, what) if name else _nothing():
+            yield {}
         return
-    with slot(log, f"stage '{stage}'"):
-        yield
+    limits = {d: device_limit(d, name) for d in devices}
+    for limit in limits.values():
+        ensure_limit(limit, 1)
+    waited = time.monotonic()
+    notice = _notice(log, what, list(limits.values()), f"a device of {machine()}")
+    try:
+        device, lease = _take_any(limits, what)
+    finally:
+        notice.cancel()
+    log.info("%s took device %s ('%s') at %s (waited %.1f s)", what, device, limits[device],
+             _clock(), time.monotonic() - waited)
+    stop = threading.Event()
+    renewer = threading.Thread(target=_renew, args=(lease, limits[device], stop, log),
+                               daemon=True)
+    renewer.start()
+    try:
+        yield {"CUDA_VISIBLE_DEVICES": device}
+    finally:
+        stop.set()
+        renewer.join(timeout=5)
+        log.info("%s frees device %s ('%s') at %s", what, device, limits[device], _clock())
+        _release(lease, limits[device], log)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+@contextmanager
+def stage_slot(stage: str, log: Any) -> Iterator[dict[str, str]]:
+    """A device lease around ``stage`` if it is a training stage; yields the env to add."""
+    if stage.split("@")[0] not in slot_stages():
+        yield {}
+        return
+    with device_lease(log, f"stage '{stage}'") as env:
+        yield env
 
 
 _POOL: list[DevicePool] = []

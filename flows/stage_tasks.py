@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import dvc_adapter as dvc
 from flows import progress, slots
-from flows.dvc_adapter import StageNode, dvc_command
+from flows.dvc_adapter import StageNode, dvc_command, dvc_env
 from flows.runner import (
     DEFAULT_RETRY_STAGES,
     ServerLost,
@@ -44,8 +44,10 @@ def run_stage(name: str, root: str, timeout_s: float | None = None, force: bool 
         return {"stage": name, "status": "up to date", "seconds": seconds}
     dvc.forget(root)  # DVC in the subprocess changes dvc.lock and the outputs
     cmd = dvc_command("repro", "--single-item", name, *(["--force"] if force else []))
-    with slots.stage_slot(name, log), progress.watch(root, name, log):
-        output, returncode, timed_out = run_guarded(cmd, Path(root), name, timeout_s, log)
+    with slots.stage_slot(name, log) as device, progress.watch(root, name, log):
+        # a training stage sees only the device it leased (none: this machine has none)
+        output, returncode, timed_out = run_guarded(cmd, Path(root), name, timeout_s, log,
+                                                    env={**dvc_env(), **device})
     seconds = round(time.perf_counter() - start, 3)
     failure = dvc_failure(output, returncode)
     if timed_out or failure:

@@ -205,14 +205,17 @@ def _process_table(pids: list[int]) -> str:
                           capture_output=True, text=True).stdout
 
 
-def _start_server(home: Path, port: int) -> subprocess.Popen:
-    """``prefect server start`` on ``port`` with its database in ``home``; waits until healthy."""
+def _start_server(home: Path, port: int, **settings: str) -> subprocess.Popen:
+    """``prefect server start`` on ``port`` with its database in ``home``; waits until healthy.
+
+    ``settings`` are more PREFECT_* variables for the server.
+    """
     from conftest import subprocess_env
     from prefect_fixtures import SERVER_START_TIMEOUT_S, _healthy
 
     env = subprocess_env()
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               DO_NOT_TRACK="1", PREFECT_SERVER_UI_ENABLED="false")
+               DO_NOT_TRACK="1", PREFECT_SERVER_UI_ENABLED="false", **settings)
     log = (home / "server.log").open("a")
     server = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
