@@ -48,8 +48,8 @@ def deepen(root: str | Path) -> bool:
     if not _has_origin(root):
         return False
     shallow = _git(root, "rev-parse", "--is-shallow-repository").stdout.strip() == "true"
-    args = ["fetch", "-q", *(["--unshallow"] if shallow else []), GIT_REMOTE,
-            "+refs/tags/*:refs/tags/*"]
+    # --tags, not a tags-only refspec: with --unshallow that exits 1 where origin has no tag
+    args = ["fetch", "-q", *(["--unshallow"] if shallow else []), "--tags", GIT_REMOTE]
     proc = _git(root, *args)
     if proc.returncode != 0:
         last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
