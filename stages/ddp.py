@@ -1,10 +1,15 @@
-"""Several training processes on one machine: PyTorch DDP through ``torch.distributed``.
+"""Several training processes: PyTorch DDP through ``torch.distributed``.
 
-``train.nproc: N`` makes the train stage start N processes with
-``torch.multiprocessing.spawn`` from the same command ``dvc repro`` runs, joined over a free
-loopback port: NCCL on CUDA GPUs (one GPU per process), gloo on the CPU. DDP averages the
-gradients in every step; BatchNorm normalises with each process's own batch statistics (no
-SyncBatchNorm) and its running statistics are broadcast from rank 0 on every forward.
+Two ways in, one training: ``train.nproc: N`` makes the train stage start N processes on
+this machine with ``torch.multiprocessing.spawn``, joined over a free loopback port; or a
+launcher starts the stage command once per process and sets torchrun's environment
+contract (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``):
+``torchrun``, Kubeflow's PyTorchJob, Slurm. Then the processes join with ``env://``
+across machines. NCCL on CUDA GPUs (one GPU per process), gloo on the CPU either way. DDP
+averages the gradients in every step; BatchNorm normalises with each process's own batch
+statistics (no SyncBatchNorm) and its running statistics are broadcast from rank 0 on every
+forward. Rank 0 alone reads the checkpoint (and sends it to the others, whose machines may
+not have it) and writes the model, checkpoint and dvclive files.
 """
 
 from __future__ import annotations
@@ -83,6 +88,54 @@ def launch(fn: Callable[..., Any], nproc: int, device: torch.device, args: tuple
                 raise UserError(f"DDP process {err.error_index} stopped (see its error above)"
                                 ) from None
             raise
+
+
+#: The variables a torchrun-style launcher sets for every process it starts.
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched() -> bool:
+    """Whether a torchrun-style launcher started this process (its environment contract)."""
+    return all(os.environ.get(name) for name in LAUNCHER_ENV)
+
+
+def join_launched(fn: Callable[..., Any], nproc: int, device: torch.device,
+                  args: tuple[Any, ...]) -> None:
+    """Run ``fn(*args)`` as the rank a launcher gave this process, in its process group.
+
+    ``train.nproc`` must equal the launcher's ``WORLD_SIZE``: the params (and so
+    ``dvc.lock``) then describe the run, and it equals a ``train.nproc`` run on one machine.
+    """
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ["LOCAL_RANK"])
+    except ValueError:
+        raise UserError("RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers "
+                        "(set by torchrun or your launcher)") from None
+    if world != nproc:
+        raise UserError(f"the launcher started WORLD_SIZE={world} processes but train.nproc "
+                        f"is {nproc}: set train.nproc: {world} in params.yaml so the params "
+                        "describe the run")
+    if device.type == "cuda" and local >= torch.cuda.device_count():
+        raise UserError(f"LOCAL_RANK {local} needs GPU {local}; this machine has "
+                        f"{torch.cuda.device_count()}")
+    backend = backend_for(device)
+    log.info("process %d of %d (local %d), %s backend, rendezvous %s:%s", rank, world, local,
+             backend, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world)
+    try:
+        fn(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def from_rank0(obj: Any) -> Any:
+    """``obj`` as rank 0 has it, on every rank (as is without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)  # between the ranks of one job: trusted peers
+    return box[0]
 
 
 def first_user_error(errors: Path) -> tuple[int, str] | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stages.ddp import from_rank0, join_launched, launch, launched
 from stages.device import (
     Settings,
     autocast,
@@ -387,25 +389,31 @@ def train_process(data_dir: str, model_path: str, checkpoint_path: str, live_dir
     rank, world = _ddp()
     device = torch.device(device_name)
     keep_freed_memory()  # each step reuses the last one's activation memory (~18 % on CPUs)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", rank)
+    if device.type == "cuda" and world > 1:  # one GPU per process of this machine
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
     data = load_processed(data_dir)
     fingerprint = run_fingerprint(p, data_fingerprint(data_dir), code_fingerprint())
-    resume = load_checkpoint(Path(checkpoint_path), fingerprint)
+    # rank 0's checkpoint for every rank: on several machines only rank 0's folder has it
+    resume = from_rank0(load_checkpoint(Path(checkpoint_path), fingerprint) if rank == 0
+                        else None)
     live = LiveLog(live_dir) if rank == 0 else None
     if live is not None and resume is not None:
         for record in resume["history"]["epochs"]:
             live.epoch(record)
 
+    # one checkpoint per machine (its local rank 0): whichever machine is rank 0 after an
+    # elastic restart has it; the replicas' states are equal, and rank 0's is sent to all
+    writes_checkpoint = int(os.environ.get("LOCAL_RANK", rank)) == 0
+
     def on_epoch(record: dict[str, float], state_fn: Callable[[], dict[str, Any]]) -> None:
-        if rank != 0:
-            return
-        state = state_fn()
-        state.update(format=CHECKPOINT_FORMAT, fingerprint=fingerprint)
-        with atomic_file(checkpoint_path) as tmp:
-            save_torch(state, tmp)  # a full disk: one line, as for every output
-        live.epoch(record)
+        if writes_checkpoint:
+            state = state_fn()
+            state.update(format=CHECKPOINT_FORMAT, fingerprint=fingerprint)
+            with atomic_file(checkpoint_path) as tmp:
+                save_torch(state, tmp)  # a full disk: one line, as for every output
+        if live is not None:
+            live.epoch(record)
 
     t0 = time.perf_counter()
     result = fit(p, data, device, resume=resume, on_epoch=on_epoch)
@@ -443,9 +451,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     threads = set_threads(p.threads, p.nproc)
     log.info("torch %s, %d CPU thread(s) per process, %d process(es)", torch.__version__,
              threads, p.nproc)
-    if p.nproc > 1:
-        from stages.ddp import launch
-
+    if launched():  # torchrun (or a launcher with its contract) started this process
+        join_launched(train_process, p.nproc, device,
+                      (args.data, args.model, args.checkpoint, args.live, p, str(device)))
+    elif p.nproc > 1:
         launch(train_process, p.nproc, device,
                (args.data, args.model, args.checkpoint, args.live, p, str(device)),
                threads=threads)
