@@ -104,8 +104,8 @@ def describe_remote(root: Path, remote: str | None = None) -> str:
 
 
 def _transfer(root: str | Path, step: str, args: list[str], remote: str | None,
-              logger: Any = None) -> None:
-    """Run ``dvc args...`` against the remote; a failure is a ``StageFailed`` naming it.
+              logger: Any = None) -> str:
+    """Run ``dvc args...`` against the remote, its output; a failure is a ``StageFailed``.
 
     Its ``transient`` flag says whether a retry may help (a store that is down or slow:
     yes; bad credentials or a missing bucket: no). DVC can log a failed transfer and exit
@@ -117,7 +117,7 @@ def _transfer(root: str | Path, step: str, args: list[str], remote: str | None,
     failure = (f"ERROR: no answer within {REMOTE_TIMEOUT_S} s (stalled transfer)" if timed_out
                else dvc_failure(output, status))
     if not failure:
-        return
+        return output
     errors = list(dict.fromkeys(e.strip() for e in DVC_ERROR.findall(output)))
     detail = " ".join(errors) if errors and not timed_out else failure
     transient = timed_out or not _PERMANENT.search(output)
@@ -134,8 +134,11 @@ def dvc_pull(root: str | Path, remote: str | None = None, logger: Any = None) ->
     With the run-cache, a stage some run already ran with the same inputs is restored
     (``dvc repro``: "Stage is cached"), even where this commit's dvc.lock does not name it.
     """
+    from flows.integrity import verify_pull
+
     args = ["pull", "--allow-missing", "--run-cache", *(["-r", remote] if remote else [])]
-    _transfer(root, "dvc pull", args, remote, logger)
+    output = _transfer(root, "dvc pull", args, remote, logger)
+    verify_pull(Path(root), output, lambda: describe_remote(Path(root), remote))
 
 
 def dvc_push(root: str | Path, remote: str | None = None, logger: Any = None) -> None:
