@@ -67,8 +67,11 @@ def check_points(root: Path, grid: dict[str, list]) -> None:
         for key, value in point.items():
             *groups, leaf = key.split(".")
             node = raw
-            for group in groups:
-                node = node.setdefault(group, {}) if isinstance(node, dict) else {}
+            for depth, group in enumerate(groups, 1):
+                node = node.setdefault(group, {})
+                if not isinstance(node, dict):  # a value, not a group of keys
+                    raise UserError(f"-S {key}={value}: '{'.'.join(groups[:depth])}' is a "
+                                    "value, not a group of keys")
             node[leaf] = value
         source = "-S " + " -S ".join(f"{k}={v}" for k, v in point.items())
         try:

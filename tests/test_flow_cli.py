@@ -54,6 +54,8 @@ def test_bad_options_and_sweep_values_are_one_line_before_prefect(tmp_path: Path
                     "-S train.lr=abc: train.lr: Input should be a valid number")
     assert_one_line(flows_cli("sweep", "-S", "train.epoch=3", *root), 2,
                     "unknown key 'train.epoch'")
+    assert_one_line(flows_cli("sweep", "-S", "train.lr.x=1", *root), 2,
+                    "-S train.lr.x=1: 'train.lr' is a value, not a group of keys")
 
 
 def test_a_stage_user_error_and_a_broken_dvc_yaml_are_one_line(prefect_api, tmp_path) -> None:
