@@ -104,6 +104,7 @@ class Network:
         """Delete the namespaces (their veth ends go with them) and the bridge."""
         for ns in self.namespaces:
             sh("ip", "netns", "del", ns, check=False)
+            shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
         for index in range(len(self.namespaces)):
             sh("ip", "link", "del", f"cf{self.octet}v{index}", check=False)
         sh("ip", "link", "del", self.bridge, check=False)
@@ -115,6 +116,11 @@ class Host:
     def __init__(self, network: Network, index: int, folder: Path, api_url: str) -> None:
         self.name = f"host-{index}"
         self.ns, self.address = network.add_namespace(index)
+        # a machine resolves its own name (torchrun and gloo do): the namespace's /etc/hosts,
+        # which `ip netns exec` mounts from /etc/netns/<ns>/ (removed with the namespace)
+        etc = Path("/etc/netns") / self.ns
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "hosts").write_text(f"127.0.0.1 localhost\n{self.address} {self.name}\n")
         self.folder = folder / self.name
         self.folder.mkdir(parents=True, exist_ok=True)
         self.api_url = api_url

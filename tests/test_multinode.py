@@ -9,7 +9,6 @@ The reference is the same params on one machine: ``train.nproc: 2`` spawned by t
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -64,18 +63,10 @@ def nodes(tmp_path: Path) -> Iterator[list[Host]]:
             hosts.append(host)
             host.veth = f"cf{network.octet}p{index}"  # type: ignore[attr-defined]
             prepare(host.folder / "repo")
-        # machines know each other by name (torchrun resolves its own hostname): the
-        # namespace's /etc/hosts, which `ip netns exec` mounts from /etc/netns/<ns>/
-        names = "".join(f"{h.address} {h.name}\n" for h in hosts)
-        for host in hosts:
-            etc = Path("/etc/netns") / host.ns
-            etc.mkdir(parents=True, exist_ok=True)
-            (etc / "hosts").write_text(f"127.0.0.1 localhost\n{names}")
         yield hosts
     finally:
         for host in hosts:
             host.stop()
-            shutil.rmtree(Path("/etc/netns") / host.ns, ignore_errors=True)
         network.close()
 
 
