@@ -130,13 +130,64 @@ def _on_off(value: str | bool, auto: bool) -> bool:
     return auto if value == "auto" else value in (True, "on")
 
 
+#: oneDNN's ``ONEDNN_MAX_CPU_ISA`` values from which it runs bf16 dot products natively
+#: (its docs, "CPU dispatcher control"); below them (AVX2, AVX512_CORE...) bf16 is emulated.
+_ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX",
+                     "AVX512_CORE_AMX_FP16", "AVX10_1_512", "AVX10_1_512_AMX",
+                     "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2", "ALL", "")
+
+
+def cpu_flags() -> dict[str, bool]:
+    """The instruction sets that decide the CPU's fast path, from ``/proc/cpuinfo``
+    (Linux), else from torch's own checks."""
+    names = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+        return {n: n in flags for n in names}
+    except OSError:  # pragma: no cover - not Linux
+        cpu = torch.cpu
+        return {"avx2": cpu._is_avx2_supported(), "avx512f": cpu._is_avx512_supported(),
+                "avx512_bf16": cpu._is_avx512_bf16_supported(),
+                "amx_bf16": cpu._is_amx_tile_supported(),
+                "amx_tile": cpu._is_amx_tile_supported()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_caps() -> dict[str, str]:
+    """The caps in force on this process's kernels: PyTorch's dispatch level (which
+    ``ATEN_CPU_CAPABILITY`` lowers) and oneDNN's ``ONEDNN_MAX_CPU_ISA`` ("" = no cap)."""
+    return {"aten": torch.backends.cpu.get_cpu_capability(),
+            "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA",
+                                             os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()}
+
+
 def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast pays."""
+    """True where bf16 autocast pays: the CPU has bf16 instructions (AVX512-BF16 or AMX)
+    and neither cap in force keeps the kernels off them (``ATEN_CPU_CAPABILITY`` below
+    AVX512, ``ONEDNN_MAX_CPU_ISA`` below AVX512_CORE_BF16), since bf16 then runs emulated,
+    slower than fp32."""
     cpu = torch.cpu
     try:
-        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+        has = bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
     except AttributeError:  # pragma: no cover - older torch
         return False
+    caps = cpu_caps()
+    return has and caps["aten"].startswith("AVX512") and caps["onednn_max_isa"] in _ONEDNN_BF16_ISAS
 
 
 def resolve_settings(device: torch.device, precision: str = "auto",

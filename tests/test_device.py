@@ -105,3 +105,41 @@ def test_kept_memory_is_reused_without_page_faults() -> None:
         return int(out.split()[-1])
 
     assert faults("keep") < 20 * 200  # 20 steps
+
+
+_PRECISION = """
+import json, torch
+from stages.device import cpu_caps, cpu_flags, resolve_settings
+print(json.dumps({"caps": cpu_caps(), "flags": cpu_flags(),
+                  "precision": resolve_settings(torch.device("cpu")).precision}))
+"""
+
+
+def _auto_precision(env: dict[str, str]) -> dict:
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
+    out = subprocess.run([sys.executable, "-c", _PRECISION], env={**clean, **env},
+                         cwd=Path(__file__).resolve().parents[1], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def test_auto_precision_follows_the_cpu_and_the_caps_in_force() -> None:
+    """bf16 where the CPU has bf16 instructions and no cap hides them; fp32 under the AVX2
+    emulation (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2) or on an AVX2-only CPU."""
+    native = _auto_precision({})
+    flags = native["flags"]
+    has_bf16 = flags["avx512_bf16"] or flags["amx_bf16"] or flags["amx_tile"]
+    assert native["precision"] == ("bf16" if has_bf16 and flags["avx512f"] else "fp32")
+    assert native["caps"]["onednn_max_isa"] == ""
+    capped = _auto_precision({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert capped["precision"] == "fp32"
+    assert capped["caps"] == {"aten": "AVX2" if flags["avx2"] else "DEFAULT",
+                              "onednn_max_isa": "AVX2"}
+    # either cap alone is enough: oneDNN's convolutions or ATen's kernels would emulate bf16
+    assert _auto_precision({"ONEDNN_MAX_CPU_ISA": "avx512_core"})["precision"] == "fp32"
+    assert _auto_precision({"ATEN_CPU_CAPABILITY": "avx2"})["precision"] == "fp32"
