@@ -167,6 +167,15 @@ def stages_in_order(root: str | Path) -> list[StageNode]:
                 for stage in plan_repro(graph) if isinstance(stage, PipelineStage)]
 
 
+def stage_command(root: str | Path, name: str) -> str:
+    """The command of stage ``name`` as ``dvc repro`` would run it (templates resolved)."""
+    repo = _repo(root)
+    with _internals("Repo.stage.collect(name).cmd"), _in_dir(root):
+        (stage,) = repo.stage.collect(name)
+        cmd = stage.cmd
+        return cmd if isinstance(cmd, str) else " && ".join(cmd)
+
+
 def stage_changed(root: str | Path, name: str) -> bool:
     """DVC's own verdict, in-process: would ``dvc repro --single-item name`` run the stage?"""
     repo = _repo(root)

@@ -90,6 +90,10 @@ def launch(fn: Callable[..., Any], nproc: int, device: torch.device, args: tuple
             raise
 
 
+#: Set by convflow's multi-node Prefect runs, where every machine trains in its own clone:
+#: each machine's first process then writes the outputs there, not global rank 0 alone.
+OUTPUTS_PER_NODE = "CONVFLOW_OUTPUTS_PER_NODE"
+
 #: The variables a torchrun-style launcher sets for every process it starts.
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -127,6 +131,14 @@ def join_launched(fn: Callable[..., Any], nproc: int, device: torch.device,
         fn(*args)
     finally:
         dist.destroy_process_group()
+
+
+def writes_outputs(rank: int) -> bool:
+    """Whether this process writes the model and dvclive files: rank 0, or with
+    ``OUTPUTS_PER_NODE`` set, the first process of each machine."""
+    if os.environ.get(OUTPUTS_PER_NODE) == "1":
+        return int(os.environ.get("LOCAL_RANK", rank)) == 0
+    return rank == 0
 
 
 def from_rank0(obj: Any) -> Any:

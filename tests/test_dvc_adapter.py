@@ -59,6 +59,11 @@ def test_stages_in_order_give_direct_and_transitive_upstream(repo: Path) -> None
          f"stage edges: {by_name['one']}")
 
 
+def test_stage_command_is_the_resolved_cmd(repo: Path) -> None:
+    cmd = adapter.stage_command(repo, "one")
+    fits(cmd == py_stage(ONE), f"stage_command: {cmd!r}")
+
+
 def test_stage_changed_follows_params(repo: Path) -> None:
     fits(adapter.stage_changed(repo, "one") is False, "stage_changed on an up-to-date stage")
     (repo / "params.yaml").write_text("a:\n  n: 4\n")
