@@ -1,12 +1,17 @@
-"""Alerts: Prefect events for a failed run, a failed gate and a regression, and the one
-automation that forwards them to a webhook (Slack-compatible JSON) or any notification block.
+"""Alerts: one notification per failed, crashed or regressed convflow run, through one
+Prefect automation that forwards it to a webhook (Slack-compatible JSON) or any block.
 
-Events (``prefect.resource.id`` = ``convflow.flow-run.<id>``; payload: flow, flow_run, stage,
-message, metrics, commit):
+What triggers it (the run's own step and one-line reason are in its state message):
 
-* ``convflow.run.failed``: a stage failed or timed out;
-* ``convflow.gate.failed``: the model missed a gate threshold (nothing was shipped);
-* ``convflow.model.regression``: test accuracy below the model in production.
+* ``prefect.flow-run.Failed`` of a convflow flow: any step failed, whichever (``dvc
+  pull``, a stage, the gate, ``dvc push``, the git publish, a sweep point);
+* ``prefect.flow-run.Crashed``: the run's process died (``flows/crash.py`` marks a run
+  whose heartbeats stopped);
+* ``convflow.model.regression``: a run that passed the gate but scored below the model
+  in production (payload: flow, flow_run, stage, message, metrics, commit).
+
+The gate also emits ``convflow.gate.failed`` (with its metrics) for automations of your
+own; its notification is the run's failure, so each failed run alerts once.
 
 ``python -m flows alerts --webhook URL`` (or ``--block TYPE/NAME``, e.g. an e-mail block)
 creates the automation ``convflow-alerts``; running it again replaces it.
@@ -17,22 +22,33 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-RUN_FAILED = "convflow.run.failed"
+from stages.errors import UserError
+
 GATE_FAILED = "convflow.gate.failed"
 REGRESSION = "convflow.model.regression"
-EVENTS = (RUN_FAILED, GATE_FAILED, REGRESSION)
+FAILED, CRASHED = "prefect.flow-run.Failed", "prefect.flow-run.Crashed"
+#: What the automation sends: every failed or crashed run of these flows, and regressions.
+EVENTS = (FAILED, CRASHED, REGRESSION)
+#: The flows it watches: every convflow flow (pipeline, sweep, sweep point).
+FLOWS = "convflow-*"
 AUTOMATION = "convflow-alerts"
 WEBHOOK_BLOCK = "convflow-alerts-webhook"
+#: Longest URL or block name echoed back in an error.
+_SHOWN = 120
 
 #: The notification text (Jinja, rendered by the Prefect server for each event).
-SUBJECT = "convflow: {{ event.event }} ({{ event.payload.flow }})"
+SUBJECT = ("convflow: {{ flow.name }} run {{ flow_run.name }}: "
+           "{{ 'regression' if event.payload.message else flow_run.state.name }}")
 BODY = ("convflow alert: {{ event.event }}\n"
-        "flow: {{ event.payload.flow }} (run {{ event.payload.flow_run }})\n"
-        "stage: {{ event.payload.stage }}\n"
+        "flow: {{ flow.name }} (run {{ flow_run.name }})\n"
+        "{% if event.payload.message %}stage: {{ event.payload.stage }}\n"
         "message: {{ event.payload.message }}\n"
         "commit: {{ event.payload.commit }}\n"
-        "metrics: {{ event.payload.metrics }}")
+        "metrics: {{ event.payload.metrics }}"
+        "{% else %}state: {{ flow_run.state.name }}\n"
+        "message: {{ flow_run.state.message }}{% endif %}")
 
 
 def head_commit(root: str | Path) -> str | None:
@@ -57,12 +73,29 @@ def emit(event: str, root: str | Path, stage: str, message: str,
                  "commit": head_commit(root)})
 
 
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= _SHOWN else text[:_SHOWN] + "...")
+
+
+def check_webhook(url: str) -> str:
+    """``url`` if it is an http(s) URL with a host; else a one-line UserError."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        host, parts = None, None
+    odd = len(url) > 2048 or any(c.isspace() or ord(c) < 32 for c in url)
+    if odd or parts is None or parts.scheme not in ("http", "https") or not host:
+        raise UserError(f"--webhook {_shown(url)}: expected an http:// or https:// URL")
+    return url
+
+
 def webhook_block(url: str, name: str = WEBHOOK_BLOCK) -> Any:
     """A saved webhook block posting ``{"text": ...}`` (what Slack's incoming webhooks take)."""
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
     block = CustomWebhookNotificationBlock(
-        name=name, url=url, method="POST",
+        name=name, url=check_webhook(url), method="POST",
         json_data={"text": "{{body}}", "subject": "{{subject}}"},
         # a receiver on a private or loopback address (a LAN chat server, a test) is allowed
         allow_private_urls=True)
@@ -70,27 +103,51 @@ def webhook_block(url: str, name: str = WEBHOOK_BLOCK) -> Any:
     return block
 
 
-def setup_automation(webhook: str | None = None, block: str | None = None,
-                     name: str = AUTOMATION) -> Any:
-    """Create (or replace) the automation sending every convflow event to a notification block."""
-    from prefect.automations import Automation
+def load_block(ref: str) -> Any:
+    """The saved notification block ``TYPE/NAME``; a one-line UserError if there is none."""
     from prefect.blocks.core import Block
-    from prefect.events.actions import SendNotification
+
+    try:
+        block = Block.load(ref)
+    except (ValueError, KeyError) as exc:  # Prefect's "Unable to find block ..." and kin
+        raise UserError(f"--block {_shown(ref)}: no such notification block "
+                        f"({' '.join(str(exc).split())[:_SHOWN]}); list them with "
+                        "`prefect block ls`") from None
+    if not hasattr(block, "notify"):
+        raise UserError(f"--block {_shown(ref)} is a {type(block).__name__}, "
+                        "not a notification block")
+    return block
+
+
+def trigger() -> Any:
+    """Each failed or crashed run of a convflow flow, and each regression event."""
     from prefect.events.schemas.automations import EventTrigger, Posture
 
+    return EventTrigger(
+        expect=set(EVENTS),
+        match={"prefect.resource.id": ["prefect.flow-run.*", "convflow.flow-run.*"]},
+        match_related={"prefect.resource.role": "flow",
+                       "prefect.resource.name": FLOWS},
+        posture=Posture.Reactive, threshold=1)
+
+
+def setup_automation(webhook: str | None = None, block: str | None = None,
+                     name: str = AUTOMATION) -> Any:
+    """Create (or replace) the automation sending convflow alerts to a notification block."""
+    from prefect.automations import Automation
+    from prefect.events.actions import SendNotification
+
     if (webhook is None) == (block is None):
-        raise ValueError("give exactly one of webhook (a URL) or block (TYPE/NAME)")
-    target = webhook_block(webhook) if webhook else Block.load(block)
+        raise UserError("give exactly one of --webhook URL or --block TYPE/NAME")
+    target = webhook_block(webhook) if webhook else load_block(block)
     try:
         Automation.read(name=name).delete()
     except Exception:  # none yet (Prefect raises a not-found error)
         pass
     return Automation(
         name=name,
-        description="convflow: failed runs, failed gates and regressions",
-        trigger=EventTrigger(expect=set(EVENTS),
-                             match={"prefect.resource.id": "convflow.flow-run.*"},
-                             posture=Posture.Reactive, threshold=1),
+        description="convflow: failed and crashed runs, regressions",
+        trigger=trigger(),
         actions=[SendNotification(block_document_id=target._block_document_id,
                                   subject=SUBJECT, body=BODY)],
     ).create()

@@ -1,8 +1,9 @@
 """The flow's side of the quality gate: read the ``gate`` stage's verdict and act on it.
 
 The ``gate`` DVC stage judges (``stages/gate.py`` writes ``metrics/gate.json`` and never
-fails ``dvc repro``); the flow enforces: a failed verdict alerts and ships nothing, and a
-drop below production alerts as a regression even when it is within ``gate.max_drop``.
+fails ``dvc repro``); the flow enforces: its ``gate`` task runs the stage and then fails
+on a failed verdict, so the run graph shows the gate red and nothing ships. A drop below
+production within ``gate.max_drop`` passes and alerts as a regression.
 """
 
 from __future__ import annotations
@@ -11,9 +12,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
 from flows import alerts
+from flows.runner import StageFailed, retry_if_transient
+from flows.stage_tasks import run_stage
 from stages.paths import pipeline_paths
 
+#: The DVC stage whose verdict the flow enforces.
+GATE_STAGE = "gate"
 _VERDICT_KEYS = ("metric", "value", "min_accuracy", "max_drop", "production_version",
                  "production_accuracy", "drop")
 
@@ -35,12 +43,25 @@ def enforce(root: str | Path) -> str | None:
     if found is None:
         return None
     metrics = {k: found.get(k) for k in _VERDICT_KEYS}
-    if (found.get("drop") or 0) > 0:
-        alerts.emit(alerts.REGRESSION, root, "gate",
-                    f"{found['metric']} {found['value']} is below production "
-                    f"{found['production_version']} ({found['production_accuracy']})", metrics)
     if found.get("passed"):
+        if (found.get("drop") or 0) > 0:  # a failed gate's reason already names the drop
+            alerts.emit(alerts.REGRESSION, root, GATE_STAGE,
+                        f"{found['metric']} {found['value']} is below production "
+                        f"{found['production_version']} ({found['production_accuracy']})",
+                        metrics)
         return None
     message = f"quality gate failed: {found['reason']}"
-    alerts.emit(alerts.GATE_FAILED, root, "gate", message, metrics)
+    alerts.emit(alerts.GATE_FAILED, root, GATE_STAGE, message, metrics)
     return message
+
+
+@task(name="dvc-stage", task_run_name="{name}", cache_policy=NO_CACHE,
+      retry_condition_fn=retry_if_transient)
+def run_gate(name: str, root: str, timeout_s: float | None = None, force: bool = False,
+             retry_stages: list[str] | None = None) -> dict[str, Any]:
+    """The gate stage as a task that fails when its verdict does: a red ``gate`` in the UI."""
+    row = run_stage.fn(name, root, timeout_s, force, retry_stages)
+    failure = enforce(root)
+    if failure:
+        raise StageFailed(name, failure, None, False)
+    return row

@@ -2,15 +2,16 @@
 
 While ``train`` runs (a subprocess under ``dvc repro``), a thread of the flow reads the
 files dvclive writes as each epoch ends (``<train_live>/plots/metrics/**.tsv``) and keeps
-two artifacts of the task run current: a progress artifact (epochs done / ``train.epochs``)
-and a table with one row per finished epoch. Only files written after the stage started
-count, so a previous run's logs never show as progress.
+two artifacts of the task run current, each created once and updated in place: a progress
+artifact (epochs done / ``train.epochs``) and a table with one row per finished epoch.
+Only files written after the stage started count, so a previous run's logs never show.
 """
 
 from __future__ import annotations
 
 import contextvars
 import csv
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -89,13 +90,10 @@ class _Watcher:
         self.stop = threading.Event()
         self.shown = -1
         self.artifact_id: Any = None
+        self.table_id: Any = None
 
     def publish(self) -> None:
-        from prefect.artifacts import (
-            create_progress_artifact,
-            create_table_artifact,
-            update_progress_artifact,
-        )
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
         rows = epoch_rows(self.live_dir, self.since)
         if len(rows) == self.shown:
@@ -108,8 +106,23 @@ class _Watcher:
         else:
             update_progress_artifact(self.artifact_id, percent)
         if rows:
-            create_table_artifact(rows, key=EPOCHS_KEY,
-                                  description=f"train: {len(rows)}/{self.epochs} epochs so far")
+            self.publish_table(rows)
+
+    def publish_table(self, rows: list[dict[str, Any]]) -> None:
+        """One epochs table per run, created once and then updated in place."""
+        from prefect.artifacts import create_table_artifact
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.actions import ArtifactUpdate
+
+        description = f"train: {len(rows)}/{self.epochs} epochs so far"
+        if self.table_id is None:
+            self.table_id = create_table_artifact(rows, key=EPOCHS_KEY,
+                                                  description=description)
+            return
+        with get_client(sync_client=True) as client:
+            # the same JSON a table artifact is created with (TableArtifact.format)
+            client.update_artifact(self.table_id, ArtifactUpdate(
+                data=json.dumps(rows), description=description))
 
     def run(self) -> None:
         while not self.stop.wait(POLL_S):
