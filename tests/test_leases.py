@@ -108,6 +108,29 @@ def test_a_training_stage_sees_only_its_leased_device(prefect_api, tmp_path) -> 
     assert limit in inspect.stdout and "active_slots" in inspect.stdout.replace(" ", "_")
 
 
+def test_a_run_waits_for_a_slot_with_a_bound_and_says_until_when(prefect_api, tmp_path):
+    from test_flow_cli import assert_one_line
+
+    slot = f"wait-{uuid.uuid4().hex[:8]}"
+    env = {**_env(slot, ""), "CONVFLOW_SLOT_WAIT_S": "3", "PREFECT_LOGGING_LEVEL": "INFO"}
+    holder = Holder("a", tmp_path, env)  # no devices here: the team-wide slot (size 1)
+    try:
+        assert holder.device(60) == "None", holder.lines
+        repo = make_toy_repo(tmp_path / "toy", {"train": {
+            "cmd": py_stage("open('t.txt', 'w').write('1')"), "outs": ["t.txt"]}})
+        proc = run([sys.executable, "-m", "flows", "run", "--root", str(repo), "--retries",
+                    "0"], cwd=PROJECT, env=env, check=False)
+        assert_one_line(proc, 1, f"found no free slot of '{slot}' in 3 s (1/1 in use; "
+                                 "CONVFLOW_SLOT_WAIT_S)")
+        waits = [ln for ln in proc.stderr.splitlines() if "waits for a slot" in ln]
+        assert waits and " UTC; gives up at 20" in waits[0], proc.stderr[-2000:]
+        assert not (repo / "t.txt").exists()
+        holder.free()
+        assert _in_use(slot) == 0
+    finally:
+        holder.kill()
+
+
 @pytest.mark.slow  # Prefect's shortest lease is 60 s: the killed holder's lease must lapse
 def test_two_holders_get_different_devices_a_third_waits_a_killed_ones_lapses(
         prefect_api, tmp_path) -> None:
