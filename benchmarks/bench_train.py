@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py                 # 2 threads, 120 s budget each, real CIFAR-10
     python benchmarks/bench_train.py --budget 30     # a short version while developing
+    python benchmarks/bench_train.py --isa avx2      # both loops on the AVX2 code path
     python benchmarks/bench_train.py --gpu           # CUDA: epoch time, time to accuracy
 
 The reference is written the way the tutorial does it: float32 NCHW tensors in memory
@@ -31,10 +32,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import ISA_ENV, machine_record, reexec_under  # noqa: E402
 from stages.device import Settings, keep_freed_memory  # noqa: E402
 from stages.errors import setup_logging  # noqa: E402
+from stages.loop import Dataset, fit, validate  # noqa: E402
 from stages.params import TrainParams  # noqa: E402
-from stages.train import Dataset, evaluate, fit  # noqa: E402
 
 SHARED_JPEG = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 CACHE = ROOT / "bench-out" / "cifar10-jpeg.npz"
@@ -167,8 +169,8 @@ def _ddp_worker(npz: str, recipe: dict, out: str) -> None:
 
 
 def _fit_ddp(data: Dataset, p: TrainParams, nproc: int, threads: int
-             ) -> tuple[torch.nn.Module, float, bool]:
-    """``fit`` in ``nproc`` gloo processes of ``threads`` threads; model, seconds, layout."""
+             ) -> tuple[torch.nn.Module, float, dict]:
+    """``fit`` in ``nproc`` gloo processes of ``threads`` threads; model, seconds, settings."""
     from stages.ddp import launch
     from stages.models import build_model
 
@@ -180,7 +182,7 @@ def _fit_ddp(data: Dataset, p: TrainParams, nproc: int, threads: int
         blob = torch.load(out, weights_only=True)
     model = build_model(p.model, 10, data.mean, data.std)
     model.load_state_dict(blob["state"])
-    return model, blob["seconds"], blob["settings"]["channels_last"]
+    return model, blob["seconds"], blob["settings"]
 
 
 def ours(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
@@ -202,11 +204,11 @@ def ours(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: n
     p = TrainParams(**{**recipe, "epochs": epochs})
     t0, c0 = time.perf_counter(), _cpu_seconds()
     if nproc > 1:
-        model, _, channels_last = _fit_ddp(data, p, nproc, max(1, threads // nproc))
+        model, _, settings = _fit_ddp(data, p, nproc, max(1, threads // nproc))
         torch.set_num_threads(threads)
     else:
         result = fit(p, data, device)
-        model, channels_last = result.model, result.settings.channels_last
+        model, settings = result.model, vars(result.settings)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
@@ -215,14 +217,15 @@ def ours(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: n
     model = model.eval().to(device)
     xt = torch.from_numpy(test_x).to(device)
     yt = torch.from_numpy(np.asarray(test_y, np.int64)).to(device)
-    _, acc = evaluate(model, xt, yt, Settings("fp32", channels_last, False))
+    _, acc = validate(model, xt, yt, Settings("fp32", settings["channels_last"], False))
     with torch.no_grad():
         logits = torch.cat([model(xt[i:i + 1000]).float().softmax(1)
                             + model(xt[i:i + 1000].flip(3)).float().softmax(1)
                             for i in range(0, len(xt), 1000)])
     tta = float((logits.argmax(1) == yt).float().mean())
     return {"img_per_s": seen / seconds, "seconds": seconds, "img_per_cpu_s": seen / cpu,
-            "epochs": epochs, "nproc": nproc, "test_acc": acc, "test_acc_flip_tta": tta}
+            "epochs": epochs, "nproc": nproc, "threads": torch.get_num_threads(),
+            "precision": settings["precision"], "test_acc": acc, "test_acc_flip_tta": tta}
 
 
 # ------------------------------------------------------------------------------- main
@@ -243,11 +246,15 @@ def main() -> None:
     ap.add_argument("--reference-only", action="store_true",
                     help="run only the tutorial's loop (--repeats runs each side alone)")
     ap.add_argument("--gpu", action="store_true", help="CUDA mode (see README.md, Training)")
+    ap.add_argument("--isa", choices=sorted(ISA_ENV),
+                    help="run both loops on that code path (ATEN_CPU_CAPABILITY, "
+                         "ONEDNN_MAX_CPU_ISA): an emulation, recorded as one in the JSON")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--repeats", type=int, default=1,
                     help="run the whole comparison this many times, each loop in a fresh "
                          "process, and report every ratio and their median")
     args = ap.parse_args()
+    reexec_under(args.isa)
     if args.reference_only and args.skip_reference:
         ap.error("--reference-only and --skip-reference leave nothing to run; drop one")
     if args.repeats > 1:
@@ -259,7 +266,8 @@ def main() -> None:
     for item in args.set:
         key, _, value = item.partition("=")
         recipe[key] = json.loads(value) if value[:1] in "0123456789.-[{tf" else value
-    results: dict[str, dict] = {"threads": {"n": args.threads}}
+    results: dict[str, dict] = {"threads": {"n": args.threads},
+                                "machine": machine_record(args.isa)}
     if args.gpu:
         results.update(gpu_mode(train_x, train_y, test_x, test_y))
     else:
@@ -312,7 +320,9 @@ def repeat(args: argparse.Namespace) -> None:
                 merged.update(json.loads(out.read_text()))
             rounds.append(add_speedup(merged))
     ratios = [r["speedup"]["img_per_s_ratio"] for r in rounds if "speedup" in r]
-    summary = {"threads": rounds[0]["threads"], "rounds": rounds}
+    summary = {"threads": rounds[0]["threads"], "machine": machine_record(args.isa),
+               "command": "python benchmarks/bench_train.py " + " ".join(sys.argv[1:]),
+               "rounds": rounds}
     if ratios:
         summary["speedup"] = {"img_per_s_ratios": ratios,
                               "median": statistics.median(ratios),
@@ -373,7 +383,7 @@ def gpu_mode(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
         times = result.epoch_seconds
         xt = torch.from_numpy(test_x).to(device)
         yt = torch.from_numpy(np.asarray(test_y, np.int64)).to(device)
-        _, acc = evaluate(result.model, xt, yt, result.settings)
+        _, acc = validate(result.model, xt, yt, result.settings)
         out[name] = {"epochs": epochs, "epoch_times": times,
                      "steady_epoch_s": float(np.median(times[1:])) if len(times) > 1 else None,
                      "total_s_incl_compile": total, "test_acc": acc}

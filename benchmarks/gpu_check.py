@@ -88,8 +88,8 @@ def _synthetic(n: int) -> tuple[Any, Any]:
 
 def step_seed_net_epoch(args: argparse.Namespace, device: Any) -> dict[str, Any]:
     """Seconds per 50,000-image seed-net epoch in steady state (median of epochs 2..)."""
+    from stages.loop import Dataset, fit
     from stages.params import TrainParams
-    from stages.train import Dataset, fit
 
     n, epochs = (2048, 2) if args.dry_run else (50_000, 6)
     x, y = _synthetic(n)

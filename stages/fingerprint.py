@@ -11,7 +11,8 @@ from stages.params import TrainParams
 
 #: The code that decides what a training run computes: a checkpoint made by other code
 #: (another architecture, another loop) is never resumed.
-TRAINING_CODE = ("train.py", "loader.py", "recipe.py", "models.py", "device.py", "ddp.py")
+TRAINING_CODE = ("train.py", "loop.py", "checkpoint.py", "loader.py", "recipe.py", "models.py",
+                 "device.py", "ddp.py")
 
 
 def data_fingerprint(folder: str | Path) -> str:

@@ -12,6 +12,7 @@ from torch import nn
 from train_data import write_processed, write_train_params
 
 from stages.loader import TrainLoader, augment
+from stages.loop import fit
 from stages.models import build_model, load_model
 from stages.params import TrainParams
 from stages.recipe import (
@@ -25,7 +26,7 @@ from stages.recipe import (
     set_flags,
     set_lr,
 )
-from stages.train import fit, load_processed, main
+from stages.train import load_processed, main
 from stages.tta import tta_accuracy, tta_logits
 
 #: The preset with its network shrunk to air_small and every part due within 3.5 epochs,
