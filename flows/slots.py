@@ -16,7 +16,8 @@ set to :data:`DISK_LEASES`); a run that waits says when the server keeps them in
 Configured by environment, so deployments, workers and ``serve`` share it:
 
 * ``CONVFLOW_SLOT``: the limit's name (default ``convflow-gpu``; ``off`` disables slots);
-* ``CONVFLOW_SLOT_SIZE``: the team-wide limit's size when this code creates it (default 1);
+* ``CONVFLOW_SLOT_SIZE``: the team-wide limit's size when this code creates it (default:
+  the number of devices, at least 1);
 * ``CONVFLOW_SLOT_STAGES``: the pipeline stages that take a slot (default ``train``);
 * ``CONVFLOW_SLOT_NOTICE_S``: seconds without a slot before a run logs that it waits (2);
 * ``CONVFLOW_SLOT_WAIT_S``: seconds a run waits for a slot before it fails (21600);
@@ -129,7 +130,7 @@ def ensure_limit(name: str, size: int | None = None) -> Any:
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     if size is None:
-        size = int(os.environ.get("CONVFLOW_SLOT_SIZE", "0")) or 1
+        size = int(os.environ.get("CONVFLOW_SLOT_SIZE", "0")) or max(1, len(gpu_ids()))
     with get_client(sync_client=True) as client:
         try:
             return client.read_global_concurrency_limit_by_name(name)
@@ -184,8 +185,10 @@ def slot(log: Any, what: str) -> Iterator[None]:
     notice = _notice(log, what, [name], f"a slot of '{name}'")
     taken = False
     try:
+        # a renewal that fails while the server restarts must not end the run (a server
+        # gone for longer stops the stage anyway: runner.API_LOST_S)
         with concurrency(name, occupy=1, lease_duration=lease_s(), strict=True,
-                         timeout_seconds=wait_s):
+                         timeout_seconds=wait_s, raise_on_lease_renewal_failure=False):
             notice.cancel()
             taken = True
             log.info("%s took a slot of '%s' at %s (waited %.1f s)", what, name, _clock(),
