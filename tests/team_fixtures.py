@@ -224,14 +224,20 @@ def make_origin(folder: Path, store: SeaweedFS, prefix: str,
     git(src, "commit", "-q", "-m", "team set-up: prefect.yaml, S3 DVC remote")
     origin = folder / "origin.git"
     git(folder, "clone", "-q", "--bare", str(src), str(origin))
-    git(src, "remote", "add", "origin", str(origin))
+    git(src, "remote", "add", "origin", git_url(origin))
     git(src, "fetch", "-q", "origin")
     return origin, src
 
 
+def git_url(origin: Path) -> str:
+    """The ``file://`` URL of ``origin``: git honours ``--depth`` for it as for https (a
+    plain path silently makes a full clone, which no team's worker gets)."""
+    return origin.as_uri()
+
+
 def clone(origin: Path, dest: Path) -> Path:
-    """``git clone`` of ``origin`` at ``dest`` (a laptop, or a run's clone)."""
-    git(dest.parent, "clone", "-q", str(origin), str(dest))
+    """``git clone <file:// URL>`` of ``origin`` at ``dest``: a laptop's full clone."""
+    git(dest.parent, "clone", "-q", git_url(origin), str(dest))
     return dest
 
 

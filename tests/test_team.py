@@ -3,7 +3,9 @@
 One set of servers for the module: SeaweedFS (S3) as the DVC remote, a bare git repository
 as ``origin``, the session's ``prefect server start``, a process work pool and a
 ``prefect worker start`` in its own folder. The deployments come from the project's own
-``prefect.yaml`` through ``prefect deploy``. A fresh clone stands for a laptop.
+``prefect.yaml`` through ``prefect deploy``, given ``origin`` as a ``file://`` URL, so each
+run's clone is made by the deployment's own pull steps exactly as for ``https://``: shallow.
+A fresh clone stands for a laptop.
 """
 
 from __future__ import annotations
@@ -18,9 +20,16 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import PROJECT, dvc, git, run, subprocess_env
+from conftest import PROJECT, dvc, git, run, subprocess_env, write_params
 from prefect_fixtures import make_toy_repo
-from team_fixtures import clone, ensure_pool, make_origin, object_store, workers  # noqa: F401
+from team_fixtures import (  # noqa: F401
+    clone,
+    ensure_pool,
+    git_url,
+    make_origin,
+    object_store,
+    workers,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +88,7 @@ def team(prefect_api, object_store, workers, tmp_path_factory):  # noqa: F811
     origin, src = make_origin(folder, object_store, "e2e")
     ensure_pool(POOL)
     env = subprocess_env()
-    env["CONVFLOW_GIT_URL"] = str(origin)  # a local path: git_clone takes any git URL
+    env["CONVFLOW_GIT_URL"] = git_url(origin)  # shallow, as for https (never a plain path)
     run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=src, env=env)
     worker = workers(POOL, folder / "worker-machine")
     return SimpleNamespace(origin=origin, src=src, folder=folder, worker=worker,
@@ -121,17 +130,40 @@ def test_a_worker_run_comes_back_to_a_laptop(team):
     out = run([sys.executable, "-m", "stages.predict", str(image)], cwd=laptop).stdout
     assert "cat.png" in out
 
-    # the team keeps the result (main fast-forwards to it); the next run is a no-op:
-    # clone, pull, every stage up to date, nothing to commit
-    git(laptop, "checkout", "-q", "main")
-    git(laptop, "merge", "-q", "--ff-only", f"origin/{RESULTS}")
-    git(laptop, "push", "-q", "origin", "main")
+    # the next nightly on an unchanged main, nobody having merged anything: it starts from
+    # the results branch's lock, restores every output from the store and trains nothing
     again = run_deployment(NIGHTLY)
     assert_completed(again, team.worker)
-    assert remote_heads(team.origin)[RESULTS] == heads[RESULTS]
+    assert remote_heads(team.origin)[RESULTS] == heads[RESULTS]     # nothing new to commit
     logs = flow_logs(again.id)
     for stage in ("ingest", "normalize", "train", "evaluate", "plot"):
         assert f"stage '{stage}' is up to date" in logs, logs[-3000:]
+    assert "Running stage" not in logs
+
+
+def test_a_pushed_promotion_is_the_workers_baseline_and_a_fresh_clones_prod_model(team):
+    """promote --push on a laptop; a worker's run then judges against it (gate.max_drop)."""
+    from PIL import Image
+
+    if RESULTS not in remote_heads(team.origin):
+        assert_completed(run_deployment(NIGHTLY), team.worker)
+    laptop = clone(team.origin, team.folder / "laptop-promote")
+    out = run([sys.executable, "-m", "flows", "promote", "--push"], cwd=laptop).stdout
+    assert out.strip() == "cifar-cnn@v0.0.1 -> prod"
+    fresh = clone(team.origin, team.folder / "laptop-fresh")
+    Image.new("RGB", (32, 32), (200, 120, 40)).save(fresh / "cat.png")
+    predicted = run([sys.executable, "-m", "stages.predict", "--stage", "prod", "cat.png"],
+                    cwd=fresh).stdout
+    assert predicted.startswith("cat.png: "), predicted
+
+    # main gets a much worse recipe and no drop allowed: the worker must see production
+    write_params(team.src, {"train": {"lr": 1e-7, "epochs": 1}, "gate": {"max_drop": 0.0}})
+    git(team.src, "commit", "-qam", "a worse recipe")
+    git(team.src, "push", "-q", "origin", "main")
+    worse = run_deployment(NIGHTLY, retries=0)
+    assert worse.state.is_failed(), worse.state
+    assert "below production cifar-cnn@v0.0.1" in worse.state.message, worse.state.message
+    assert task_runs(worse.id)["gate"].state.is_failed()
 
 
 def test_a_sweep_on_the_worker_shows_on_the_laptop(team):
@@ -211,7 +243,7 @@ def test_a_worker_killed_mid_run_leaves_nothing_half_written(  # noqa: F811
     ensure_pool("kill-pool")
     from flows.pipeline import pipeline
 
-    pipeline.from_source(source=GitRepository(url=str(origin), branch="main"),
+    pipeline.from_source(source=GitRepository(url=git_url(origin), branch="main"),
                          entrypoint="flows/pipeline.py:pipeline").deploy(
         name="kill-test", work_pool_name="kill-pool", build=False, push=False,
         parameters={"pull": True, "push": True, "commit": True, "retries": 0})
