@@ -34,17 +34,26 @@ def checked_out(output: str) -> list[str]:
     return [p.rstrip("/") for p in _CHECKED_OUT.findall(output)]
 
 
-def locked_md5(root: Path) -> dict[str, str]:
-    """Every output's md5 (``<md5>.dir`` for a directory) in ``dvc.lock``, by path."""
+def _outs(file: Path) -> list[dict[str, Any]]:
     try:
-        lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8")) or {}
+        doc = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        lock = {}
+        return []
+    if file.name == "dvc.lock":
+        return [o for stage in (doc.get("stages") or {}).values() for o in stage.get("outs") or []]
+    return doc.get("outs") or []
+
+
+def locked_md5(root: Path, also: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+    """Outputs' md5 (``<md5>.dir`` for a directory) by path: dvc.lock's, and ``also``'s ``.dvc``."""
     found = {}
-    for stage in (lock.get("stages") or {}).values():
-        for out in stage.get("outs") or []:
-            if out.get("md5"):
-                found[str(out["path"]).rstrip("/")] = str(out["md5"])
+    for out in _outs(root / "dvc.lock"):
+        if out.get("md5"):
+            found[str(out["path"]).rstrip("/")] = str(out["md5"])
+    for path in also:  # a `dvc add`-ed path records its md5 in <path>.dvc beside it
+        for out in _outs(root / f"{path}.dvc"):
+            if out.get("md5") and str(out.get("path", "")).rstrip("/") == Path(path).name:
+                found.setdefault(path, str(out["md5"]))
     return found
 
 
@@ -77,16 +86,16 @@ def _dir_entries(cache: Path, oid: str) -> list[dict[str, Any]] | None:
 
 
 def corrupted(root: Path, paths: list[str]) -> list[tuple[str, str]]:
-    """``(workspace path, object oid)`` of each of ``paths`` whose bytes differ from dvc.lock."""
-    locked = locked_md5(root)
+    """``(workspace path, object oid)`` of each of ``paths`` whose bytes differ from its record."""
+    locked = locked_md5(root, paths)
     bad: list[tuple[str, str]] = []
     cache = None
     for path in paths:
         oid = locked.get(path)
         if oid is None:
-            continue  # not an output of this dvc.lock (a .dvc-tracked file, a run-cache entry)
+            continue  # not a recorded output (nothing to compare with)
         if not oid.endswith(".dir"):
-            if md5_of(root / path) != oid:
+            if (root / path).is_file() and md5_of(root / path) != oid:
                 bad.append((path, oid))
             continue
         cache = cache or _cache_dir(root)
@@ -95,7 +104,8 @@ def corrupted(root: Path, paths: list[str]) -> list[tuple[str, str]]:
             bad.append((path, oid))
             continue
         bad += [(f"{path}/{e['relpath']}", e["md5"]) for e in entries
-                if md5_of(root / path / e["relpath"]) != e["md5"]]
+                if (root / path / e["relpath"]).is_file()  # --allow-missing: maybe not all
+                and md5_of(root / path / e["relpath"]) != e["md5"]]
     return bad
 
 

@@ -30,6 +30,8 @@ def _pushed(tmp_path: Path, store, prefix: str) -> Path:
     dvc(repo, "remote", "add", "-d", "storage", f"s3://{BUCKET}/{prefix}")
     dvc(repo, "remote", "modify", "storage", "endpointurl", store.endpoint)
     dvc(repo, "repro")
+    (repo / "images.bin").write_bytes(bytes(range(200)) * 50)  # data a user `dvc add`-ed
+    dvc(repo, "add", "images.bin")
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "outputs")
     dvc(repo, "push")
@@ -50,7 +52,7 @@ def test_a_corrupted_object_in_the_s3_remote_is_caught_on_a_fresh_clone(
 
     repo = _pushed(tmp_path, object_store, "corrupt")
     assert locked_md5(repo)["data"].endswith(".dir")  # a directory output, checked per file
-    targets = ["model.pt", "data/1.bin"]
+    targets = ["model.pt", "data/1.bin", "images.bin"]
     md5s = [md5_of(repo / t) for t in targets]
     keys = [f"corrupt/{object_key(m)}" for m in md5s]
     for key in keys:
@@ -62,7 +64,7 @@ def test_a_corrupted_object_in_the_s3_remote_is_caught_on_a_fresh_clone(
     message = caught.value.message
     assert "\n" not in message and "Traceback" not in message
     named = [t for t, m in zip(targets, md5s, strict=True)
-             if f"corrupted object {object_key(m)} for {t} (and 1 more)" in message]
+             if f"corrupted object {object_key(m)} for {t} (and 2 more)" in message]
     assert len(named) == 1, message
     assert f"'storage' (s3://{BUCKET}/corrupt)" in message and not caught.value.transient
     # nothing downstream can read the garbage, and the remote still has the objects
