@@ -164,7 +164,7 @@ def _training_point(parent_name: str, avoid: str | None, deadline: float):
         busy = {t.flow_run_id for t in tasks if t.name.startswith(parent_name)
                 and t.state and t.state.is_running()}
         for point in runs:
-            host = _host_of(point.id)
+            host = _host_of(point.name)
             if point.id in busy and host and host != avoid:
                 return point, host
         time.sleep(0.5)
@@ -174,10 +174,11 @@ def _training_point(parent_name: str, avoid: str | None, deadline: float):
 HOSTS: dict[str, Path] = {}
 
 
-def _host_of(run_id) -> str | None:
-    """The host whose worker log names flow run ``run_id``."""
+def _host_of(run_name: str) -> str | None:
+    """The host whose worker log shows flow run ``run_name`` beginning (not just offered)."""
     for name, log in HOSTS.items():
-        if str(run_id) in log.read_text(errors="replace"):
+        text = log.read_text(errors="replace")
+        if f"flow run '{run_name}' for flow '" in text:
             return name
     return None
 
@@ -190,10 +191,10 @@ def test_a_point_whose_worker_dies_is_retried_on_the_other_host(team):
     parent = run_deployment(SWEEP, parameters={"grid": {"train.lr": [0.003, 0.03]}},
                             timeout=0)
     deadline = time.monotonic() + 240
-    while _host_of(parent.id) is None:
+    while _host_of(parent.name) is None:
         assert time.monotonic() < deadline, "no worker took the parent run"
         time.sleep(0.5)
-    parent_host = _host_of(parent.id)
+    parent_host = _host_of(parent.name)
     point, victim = _training_point(parent.name, parent_host, deadline)
     team.cluster.host_of(victim).kill_worker()  # that machine dies mid-point
 
