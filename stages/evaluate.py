@@ -218,6 +218,23 @@ def confusion_rows(labels: np.ndarray, predicted: np.ndarray,
 
 
 # ----------------------------------------------------------------------------- CLI
+def write_per_image(folder: str | Path, labels: np.ndarray, result: Evaluation,
+                    classes: list[str]) -> None:
+    """The DVC-cached per-image results: predictions (json, npz) and the wrong images."""
+    with atomic_dir(folder) as out:
+        # one compact row per line: ~35 bytes an image instead of ~70 pretty-printed
+        rows = confusion_rows(labels, result.predicted, classes)
+        (out / "predictions.json").write_text(
+            "[\n" + ",\n".join(json.dumps(r, separators=(",", ":")) for r in rows) + "\n]\n",
+            encoding="utf-8")
+        np.savez(out / "predictions.npz", labels=labels.astype(np.int64),
+                 predicted=result.predicted.astype(np.int64),
+                 confidence=result.confidence.astype(np.float32))
+        write_json(out / "wrong.json", [
+            {**w, "actual_name": classes[w["actual"]], "predicted_name": classes[w["predicted"]]}
+            for w in result.wrong])
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m stages.evaluate --data DIR --model FILE --metrics DIR --out DIR``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -257,18 +274,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ):
         with atomic_file(metrics_dir / name) as tmp:
             write_json(tmp, obj)
-    with atomic_dir(args.out) as out:
-        # one compact row per line: ~35 bytes an image instead of ~70 pretty-printed
-        rows = confusion_rows(labels, result.predicted, classes)
-        (out / "predictions.json").write_text(
-            "[\n" + ",\n".join(json.dumps(r, separators=(",", ":")) for r in rows) + "\n]\n",
-            encoding="utf-8")
-        np.savez(out / "predictions.npz", labels=labels.astype(np.int64),
-                 predicted=result.predicted.astype(np.int64),
-                 confidence=result.confidence.astype(np.float32))
-        write_json(out / "wrong.json", [
-            {**w, "actual_name": classes[w["actual"]], "predicted_name": classes[w["predicted"]]}
-            for w in result.wrong])
+    write_per_image(args.out, labels, result, classes)
     t = summary["test"]
     log.info("test accuracy %.4f, loss %.4f, macro F1 %.4f", t["accuracy"], t["loss"],
              t["macro_f1"])

@@ -144,11 +144,17 @@ def _draw_chunk(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
             alpha[idx] = _alpha(label, u[idx], v[idx], radius[idx], period[idx])
     _blend(img, fg, alpha[:, None])
 
-    # sensor noise: uniform with a per-image std of 3-12 grey levels; drawn as int8 because
-    # a float normal per pixel would cost more than drawing the images
-    std = rng.uniform(3, 12, n).astype(f32)[:, None, None, None] / 255
+    return _add_noise(img, rng)
+
+
+def _add_noise(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Sensor noise on float images in [0, 1]; returns them as uint8."""
+    # uniform with a per-image std of 3-12 grey levels; drawn as int8 because a float
+    # normal per pixel would cost more than drawing the images
+    f32 = np.float32
+    std = rng.uniform(3, 12, len(img)).astype(f32)[:, None, None, None] / 255
     noise = rng.integers(-127, 128, img.shape, dtype=np.int8).astype(f32)
-    noise *= std * np.float32(np.sqrt(3) / 127)
+    noise *= std * f32(np.sqrt(3) / 127)
     img += noise
     img *= 255
     img += 0.5
