@@ -221,8 +221,8 @@ def run_guarded(cmd: list[str], root: Path, label: str, timeout_s: float | None,
                 env: dict[str, str] | None = None) -> tuple[str, int | None, bool]:
     """``cmd`` in its own guarded process group, its output logged: (output, status, timed out).
 
-    Raises :class:`ServerLost` (after stopping the group) when the Prefect server has not
-    answered for ``API_LOST_S`` seconds.
+    Returns once no process of the group is left (nothing writes after a reported failure or
+    a freed slot); :class:`ServerLost` (group stopped) after ``API_LOST_S`` s without server.
     """
     proc = subprocess.Popen(guarded(cmd), cwd=root, env=env or dvc_env(), text=True,
                             bufsize=1, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -264,9 +264,7 @@ def run_guarded(cmd: list[str], root: Path, label: str, timeout_s: float | None,
     except BaseException:  # the flow itself is cancelled or lost: take the stage down with it
         kill_group(proc)
         raise
-    # the guard is gone, but perhaps not its group (a guard killed outright ends nothing):
-    # nothing of this stage may write once the caller reports the failure or frees the slot
-    end_group(proc.pid, log=log)
+    end_group(proc.pid, log=log)  # a guard killed outright left its group running
     reader.join(timeout=5)
     return "".join(lines), proc.returncode, timed_out
 
