@@ -130,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
+    from flows.slots import check_settings
     from stages.errors import UserError
 
+    check_settings()  # the CONVFLOW_* seconds a run's slot reads
     for name in ("timeout", "interval"):
         value = getattr(args, name, None)
         if value is not None and not 0 < value < float("inf"):

@@ -13,16 +13,9 @@ set to :data:`DISK_LEASES`); a run that waits says when the server keeps them in
   see only that device (``CUDA_VISIBLE_DEVICES``); a worker runs with ``--limit N``.
 * On a machine without, a run holds one slot of the team-wide limit ``<slot>``.
 
-Configured by environment, so deployments, workers and ``serve`` share it:
-
-* ``CONVFLOW_SLOT``: the limit's name (default ``convflow-gpu``; ``off`` disables slots);
-* ``CONVFLOW_SLOT_SIZE``: the team-wide limit's size when this code creates it (default:
-  the number of devices, at least 1);
-* ``CONVFLOW_SLOT_STAGES``: the pipeline stages that take a slot (default ``train``);
-* ``CONVFLOW_SLOT_NOTICE_S``: seconds without a slot before a run logs that it waits (2);
-* ``CONVFLOW_SLOT_WAIT_S``: seconds a run waits for a slot before it fails (21600);
-* ``CONVFLOW_LEASE_S``: seconds a lease outlives a killed holder (60, Prefect's least);
-* ``CONVFLOW_DEVICES``: this machine's devices (``0,1``; empty: none), instead of torch's.
+Configured by environment (``CONVFLOW_SLOT``, ``CONVFLOW_DEVICES``, ``CONVFLOW_SLOT_*``,
+``CONVFLOW_LEASE_S``), so deployments, workers and ``serve`` share it: the table in
+docs/unattended.md ("Resource slots") says what each means and its default.
 """
 
 from __future__ import annotations
@@ -33,15 +26,14 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
 from uuid import UUID
 
 DEFAULT_SLOT = "convflow-gpu"
-#: Seconds a lease outlives a holder that died without releasing it (renewed while alive);
-#: Prefect's server refuses shorter leases.
+#: Seconds a killed holder's lease lasts (renewed while alive); Prefect refuses shorter ones.
 LEASE_S = 60.0
 #: Seconds without a slot after which a run logs that it waits (CONVFLOW_SLOT_NOTICE_S).
 WAIT_NOTICE_S = 2.0
@@ -72,11 +64,27 @@ def slot_stages() -> set[str]:
 
 def lease_s() -> float:
     """Seconds a lease outlives a killed holder (``CONVFLOW_LEASE_S``, at least Prefect's 60)."""
-    return max(LEASE_S, float(os.environ.get("CONVFLOW_LEASE_S", LEASE_S)))
+    return max(LEASE_S, _env_s("CONVFLOW_LEASE_S", LEASE_S))
 
 
 def _env_s(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
+    """A number of seconds from the environment; a malformed one is a one-line UserError."""
+    from stages.errors import UserError
+
+    raw = os.environ.get(name)
+    try:
+        value = default if raw is None else float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise UserError(f"{name}={raw[:40]!r}: expected a number of seconds, 0 or more")
+    return value
+
+
+def check_settings() -> None:
+    """Refuse a malformed slot setting now, before any run starts (one line, exit 2)."""
+    for name in ("CONVFLOW_LEASE_S", "CONVFLOW_SLOT_WAIT_S", "CONVFLOW_SLOT_NOTICE_S"):
+        _env_s(name, 0.0)
 
 
 def _clock() -> str:
@@ -180,8 +188,7 @@ def slot(log: Any, what: str) -> Iterator[None]:
         return
     ensure_limit(name)
     waited, wait_s = time.monotonic(), _env_s("CONVFLOW_SLOT_WAIT_S", MAX_WAIT_S)
-    # said only if the slot is not granted at once (a first try with a short timeout would
-    # make Prefect log an error)
+    # said only if the wait lasts (a short first try would make Prefect log an error)
     notice = _notice(log, what, [name], f"a slot of '{name}'")
     taken = False
     try:
@@ -272,7 +279,7 @@ def device_lease(log: Any, what: str = "training") -> Iterator[dict[str, str]]:
     """
     name, devices = slot_name(), gpu_ids()
     if name is None or not devices:
-        with slot(log, what) if name else _nothing():
+        with slot(log, what) if name else nullcontext():
             yield {}
         return
     limits = {d: device_limit(d, name) for d in devices}
@@ -297,11 +304,6 @@ def device_lease(log: Any, what: str = "training") -> Iterator[dict[str, str]]:
         renewer.join(timeout=5)
         log.info("%s frees device %s ('%s') at %s", what, device, limits[device], _clock())
         _release(lease, limits[device], log)
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 @contextmanager

@@ -56,6 +56,9 @@ def test_bad_options_and_sweep_values_are_one_line_before_prefect(tmp_path: Path
                     "unknown key 'train.epoch'")
     assert_one_line(flows_cli("sweep", "-S", "train.lr.x=1", *root), 2,
                     "-S train.lr.x=1: 'train.lr' is a value, not a group of keys")
+    bad_wait = run([sys.executable, "-m", "flows", "run", *root], cwd=PROJECT, check=False,
+                   env={**api_env(), "CONVFLOW_SLOT_WAIT_S": "soon"})
+    assert_one_line(bad_wait, 2, "CONVFLOW_SLOT_WAIT_S='soon': expected a number of seconds")
 
 
 def test_a_stage_user_error_and_a_broken_dvc_yaml_are_one_line(prefect_api, tmp_path) -> None:
