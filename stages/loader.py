@@ -69,20 +69,6 @@ def crop_flip(padded: torch.Tensor, flip: torch.Tensor | None, dx: torch.Tensor 
     return out.reshape(n, c, h, w)
 
 
-def augment(x: torch.Tensor, flip: torch.Tensor | None, dx: torch.Tensor | None,
-            dy: torch.Tensor | None, pad: int, fill: str = "zeros") -> torch.Tensor:
-    """Random crop from a padded image (``fill``: zeros or reflect), then horizontal flip.
-
-    ``x`` is uint8 N x C x H x W; ``dx``/``dy`` in ``[0, 2 * pad]`` are the crop corners in
-    the padded image. The loader pads its whole split once and calls :func:`crop_flip`
-    per batch; this is both at once, for a batch.
-    """
-    if flip is None and dx is None:
-        return x
-    pad = pad if dx is not None else 0
-    return crop_flip(pad_images(x, pad, fill), flip, dx, dy, pad)
-
-
 class TrainLoader:
     """This process's augmented batches of the device-resident training split.
 

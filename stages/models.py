@@ -201,11 +201,6 @@ def first_layer_title(model: nn.Module) -> str:
     return "Learned first-layer filters"
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def save_model(path: str | Path, model: nn.Module, *, arch: str, classes: Sequence[str],
                mean: Sequence[float], std: Sequence[float], extra: dict[str, Any]) -> None:
     """Write weights plus provenance; loadable with ``torch.load(weights_only=True)``.

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from train_data import write_processed, write_train_params
+from train_data import crop_and_flip, write_processed, write_train_params
 
-from stages.loader import TrainLoader, augment
+from stages.loader import TrainLoader
 from stages.loop import fit
 from stages.models import build_model, load_model
 from stages.params import TrainParams
@@ -87,15 +87,13 @@ def test_tta_averages_exactly_the_expected_views() -> None:
     assert tta_accuracy(model, x.numpy(), y, 2) == 1.0
 
 
-def test_reflect_crop_equals_reflect_padding_then_crop() -> None:
-    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-    dx, dy = torch.randint(0, 5, (16,)), torch.randint(0, 5, (16,))
-    flip = torch.rand(16) < 0.5
-    out = augment(x, flip, dx, dy, pad=2, fill="reflect")
-    padded = F.pad(x.float(), (2, 2, 2, 2), mode="reflect").to(torch.uint8)
-    for i in range(16):
-        crop = padded[i, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
-        assert torch.equal(out[i], crop.flip(2) if flip[i] else crop)
+def test_loader_reflect_crop_equals_reflect_padding_then_crop() -> None:
+    p = TrainParams(augment_crop=2, crop_fill="reflect", batch_size=32)
+    x = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    (xb, yb), = list(TrainLoader(x, torch.arange(32), p, torch.Generator().manual_seed(0)))
+    drawn = [crop_and_flip(img, x[k], 2, "reflect") for img, k in zip(xb, yb, strict=True)]
+    assert None not in drawn
+    assert any(dx in (0, 4) or dy in (0, 4) for dx, dy, _ in drawn)  # the mirror is used
 
 
 def test_alternating_flip_inverts_each_images_flip_every_other_epoch() -> None:

@@ -11,13 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import PROJECT, subprocess_env
-from train_data import learnable_images, write_processed, write_train_params
+from train_data import crop_and_flip, learnable_images, write_processed, write_train_params
 
 from stages.device import pick_device
 from stages.errors import UserError
-from stages.loader import augment, draw_augmentation
+from stages.loader import TrainLoader
 from stages.models import load_model
 from stages.params import TrainParams
 from stages.recipe import lr_at
@@ -139,18 +138,18 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_augmentation_is_crop_with_zero_padding_then_flip() -> None:
-    gen = torch.Generator().manual_seed(0)
-    p = TrainParams(augment_flip=True, augment_crop=4)
-    x = torch.randint(1, 256, (64, 3, 32, 32), dtype=torch.uint8)
-    flip, dx, dy = draw_augmentation(64, p, gen, torch.device("cpu"))
-    out = augment(x, flip, dx, dy, pad=4)
-    padded = F.pad(x, (4, 4, 4, 4))
-    for i in range(64):
-        crop = padded[i, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
-        assert torch.equal(out[i], crop.flip(2) if flip[i] else crop)
-    assert 0.3 < flip.float().mean() < 0.7 and len(set(dx.tolist())) == 9
-    assert augment(x, None, None, None, 0) is x
+def test_loader_batches_are_crops_of_zero_padded_images_then_flips() -> None:
+    p = TrainParams(augment_flip=True, augment_crop=4, batch_size=64)
+    x = torch.randint(1, 256, (128, 3, 32, 32), dtype=torch.uint8)
+    loader = TrainLoader(x, torch.arange(128), p, torch.Generator().manual_seed(0))
+    drawn = [crop_and_flip(img, x[k], 4, "zeros") for xb, yb in loader
+             for img, k in zip(xb, yb, strict=True)]
+    assert len(drawn) == 128 and None not in drawn  # every image once, a crop of itself
+    dx, dy, flip = zip(*drawn, strict=True)
+    assert len(set(dx)) == 9 and len(set(dy)) == 9 and 0.3 < np.mean(flip) < 0.7
+    plain = TrainLoader(x, torch.arange(128), TrainParams(augment_flip=False, augment_crop=0,
+                                                          batch_size=64), torch.Generator())
+    assert all(torch.equal(img, x[k]) for xb, yb in plain for img, k in zip(xb, yb, strict=True))
 
 
 def test_onecycle_schedule_warms_up_then_anneals_to_zero() -> None:

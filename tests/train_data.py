@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 import yaml
 
 from stages.io import save_split, write_json
@@ -46,3 +48,19 @@ def write_train_params(folder: Path, **train: Any) -> Path:
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump({"train": base}))
     return path
+
+
+def crop_and_flip(out: torch.Tensor, source: torch.Tensor, pad: int,
+                  fill: str) -> tuple[int, int, bool] | None:
+    """The crop corner (dx, dy) and flip that turn ``source`` into ``out``, padded with
+    ``F.pad`` (zeros or reflect), or None: the reference the loader's batches must match."""
+    mode = "constant" if fill == "zeros" else "reflect"
+    padded = F.pad(source[None].float(), (pad,) * 4, mode=mode)[0].to(torch.uint8)
+    h, w = source.shape[-2:]
+    for dy in range(2 * pad + 1):
+        for dx in range(2 * pad + 1):
+            crop = padded[:, dy:dy + h, dx:dx + w]
+            for flip in (False, True):
+                if torch.equal(out, crop.flip(2) if flip else crop):
+                    return dx, dy, flip
+    return None
