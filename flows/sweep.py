@@ -28,8 +28,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import dvc_adapter as dvc
 from flows import fanout, publish, slots
 from flows.dvc_adapter import dvc_command, dvc_env
+from flows.overrides import pin_data_path
 from flows.runner import ServerLost, StageFailed, dvc_failure, run_guarded
-from stages.fetch import pin_data_path
 from stages.paths import find_root
 
 

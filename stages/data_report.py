@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from stages.io import atomic_file, write_json
-from stages.sources import RawData
+from stages.sources.raw import RawData
+from stages.sources.safety import sha256_file
 
 log = logging.getLogger("convflow.ingest")
 
@@ -72,23 +73,15 @@ def sha256_path(path: str | Path) -> str:
     """
     path = Path(path)
     if path.is_file():
-        return _sha256_file(path)
+        return sha256_file(path)
     lines = []
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in sorted(filenames):
             if not f.startswith("."):
                 full = Path(dirpath) / f
-                lines.append(f"{full.relative_to(path).as_posix()}\0{_sha256_file(full)}\n")
+                lines.append(f"{full.relative_to(path).as_posix()}\0{sha256_file(full)}\n")
     return hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _per_class(labels: np.ndarray, classes: tuple[str, ...]) -> dict[str, int]:

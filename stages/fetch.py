@@ -17,15 +17,10 @@ import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlparse
 
-import yaml
-
-from stages.errors import UserError, run_cli
+from stages.errors import run_cli
 from stages.io import atomic_dir
 from stages.params import DataParams, load_params
-from stages.paths import find_root
 
 log = logging.getLogger("convflow.fetch")
 
@@ -34,51 +29,21 @@ NOTE = ("Nothing fetched: only data.source cifar10 with data.path pointing at th
         "downloads here (see docs/data.md).\n")
 
 
-def archive_name(url: str) -> str:
-    """The file name a download of ``url`` is stored under."""
-    return Path(urlparse(url).path).name or "cifar-10-python.tar.gz"
+def wants_download(p: DataParams, out: Path) -> bool:
+    """Whether ``data.*`` asks for the cifar10 archive to be downloaded into ``out``.
 
-
-def wants_download(p: DataParams, out: Path, root: Path) -> bool:
-    """Whether ``data.*`` asks for the cifar10 archive to be downloaded into ``out``."""
+    Stages run in the repository root (DVC's ``wdir``, where ``params.yaml`` is), so a
+    relative ``data.path`` and ``out`` are both relative to the current folder.
+    """
     if p.source != "cifar10" or not p.path:
         return False
-    return resolve_input(p.path, root) == (root / out).resolve()
-
-
-def repo_root() -> Path:
-    """The repository root (the folder holding dvc.yaml), else the current folder."""
-    try:
-        return find_root()
-    except UserError:
-        return Path.cwd().resolve()
+    return resolve_input(p.path, Path.cwd()) == out.resolve()
 
 
 def resolve_input(path: str, root: Path) -> Path:
-    """``data.path`` as an absolute path: a relative one is relative to the repository root."""
+    """``data.path`` as an absolute path: a relative one is relative to ``root``."""
     p = Path(path).expanduser()
     return (p if p.is_absolute() else root / p).resolve()
-
-
-def pin_data_path(overrides: dict[str, Any], root: Path) -> dict[str, Any]:
-    """``overrides`` with ``data.path`` made absolute where it is relative and outside ``root``.
-
-    ``dvc exp run --temp`` runs in a copy of the repository under ``.dvc/tmp``, where a
-    relative path that leaves the repository (``../shared/...``) no longer reaches the
-    data; an absolute one does (DVC hashes it as an external dependency). A path inside
-    the repository stays relative: DVC checks tracked data out into the copy.
-    """
-    path = overrides.get("data.path")
-    if path is None and (root / "params.yaml").is_file():
-        params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) or {}
-        path = (params.get("data") or {}).get("path") if isinstance(params, dict) else None
-    if not isinstance(path, str) or Path(path).expanduser().is_absolute():
-        return overrides
-    full = resolve_input(path, root)
-    if full.is_relative_to(root.resolve()):
-        return overrides
-    log.info("data.path %s is outside the repository: passing it as %s", path, full)
-    return {**overrides, "data.path": str(full)}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -87,14 +52,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder (data/download)")
     args = parser.parse_args(argv)
     p = load_params().data
-    root = repo_root()
-    if not wants_download(p, args.out, root):
+    if not wants_download(p, args.out):
         with atomic_dir(args.out) as tmp:
             (tmp / "README.txt").write_text(NOTE, encoding="utf-8")
         log.info("nothing to fetch for data.source %s", p.source)
         return
     # imported only here: the synthetic default stays a few imports light
-    from stages.sources.safety import DownloadError, download
+    from stages.sources.safety import DownloadError, archive_name, download
 
     name = archive_name(p.url)
     with atomic_dir(args.out) as tmp:

@@ -26,10 +26,10 @@ from stages.data_report import (
     write_report,
 )
 from stages.errors import UserError, run_cli
-from stages.fetch import repo_root, resolve_input
 from stages.io import atomic_dir, remove_output, save_split, split_bytes, write_json
 from stages.params import DataParams, load_params
-from stages.sources import RawData, load_source, validate_raw
+from stages.sources import load_source
+from stages.sources.raw import RawData, validate_raw
 
 log = logging.getLogger("convflow.ingest")
 
@@ -95,13 +95,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--balance", type=Path, help="class-balance plot data (JSON)")
     args = parser.parse_args(argv)
     p = load_params().data
-    given = p.path
-    root = repo_root()
-    if p.path and p.source != "synthetic" and root != Path.cwd().resolve():
-        # relative to the repository root, whichever folder runs the stage
-        p = p.model_copy(update={"path": str(resolve_input(p.path, root))})
     log.info("reading data.source %s%s", p.source,
-             f" from {given}" if given and p.source != "synthetic" else "")
+             f" from {p.path}" if p.path and p.source != "synthetic" else "")
     try:
         data = load_source(p)
         validate_raw(data, p.path or p.source)
@@ -109,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_raw(args.out, data)
         if args.report:
             write_report(args.report, build_report(
-                data, dups, dropped, input_sha256(p), given if p.source != "synthetic" else None))
+                data, dups, dropped, input_sha256(p), p.path if p.source != "synthetic" else None))
         if args.balance:
             write_report(args.balance, class_balance_rows(data))
     except UserError:

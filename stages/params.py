@@ -74,9 +74,11 @@ class DataParams(_Group):
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataParams:
-        if self.source in ("npz", "imagefolder") and not self.path:
+        if self.source != "synthetic" and not self.path:
+            hint = (" (data/download: the fetch stage downloads data.url there)"
+                    if self.source == "cifar10" else "")
             raise ValueError(
-                f"data.source '{self.source}' reads a local file: set data.path to it"
+                f"data.source '{self.source}' reads a local file: set data.path to it{hint}"
             )
         return self
 

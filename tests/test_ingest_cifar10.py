@@ -1,4 +1,4 @@
-"""ingest, source cifar10: the official python archive, verified, downloaded once, read safely."""
+"""ingest, source cifar10: the official python archive, verified, fetched once, read safely."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from cifar_format import (
     CIFAR10_CLASSES,
     Evil,
@@ -24,8 +25,9 @@ from cifar_format import (
 )
 
 from stages.errors import UserError
+from stages.fetch import main as fetch_main
 from stages.sources.cifar10 import load_cifar10
-from stages.sources.safety import DownloadError, cache_dir, sha256_file
+from stages.sources.safety import DownloadError, download, sha256_file
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
@@ -77,64 +79,58 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         _QuietHandler.requests.append(self.path)
 
 
-def test_download_shows_progress_verifies_and_is_reused_from_the_cache(
+def test_fetch_downloads_once_with_progress_and_ingest_reads_its_folder(
         served: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capfd: pytest.CaptureFixture[str]) -> None:
     url, archive = served
-    monkeypatch.setenv("CONVFLOW_CACHE", str(tmp_path / "cache"))
     sha = sha256_file(archive)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {
+        "source": "cifar10", "path": "data/download", "url": url, "sha256": sha}}))
     _QuietHandler.requests.clear()
-    first = load_cifar10(None, url, sha)
+    fetch_main(["--out", "data/download"])
     assert "100%" in capfd.readouterr().err  # the tqdm progress bar
-    cached = tmp_path / "cache" / "cifar-10-python.tar.gz"
-    assert sha256_file(cached) == sha
-    assert [p.name for p in cached.parent.iterdir()] == [cached.name]  # no partial files
-    second = load_cifar10(None, url, sha)
-    assert len(_QuietHandler.requests) == 1  # the second run did not download
-    assert np.array_equal(first.train_images, second.train_images)
+    fetched = tmp_path / "data" / "download"
+    assert [p.name for p in fetched.iterdir()] == ["cifar-10-python.tar.gz"]  # no partial file
+    assert sha256_file(fetched / "cifar-10-python.tar.gz") == sha
+    # the one download route: the source reads fetch's folder and never the network
+    data = load_cifar10("data/download", url, sha)
+    assert len(data.train_labels) == 50 and len(_QuietHandler.requests) == 1
+    assert np.array_equal(data.train_images, _load(archive).train_images)
 
 
-def test_a_damaged_cached_archive_is_downloaded_again(
-        served: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    url, archive = served
-    monkeypatch.setenv("CONVFLOW_CACHE", str(tmp_path / "cache"))
-    cached = tmp_path / "cache" / "cifar-10-python.tar.gz"
-    cached.parent.mkdir()
-    cached.write_bytes(b"half a download")
-    data = load_cifar10(None, url, sha256_file(archive))
-    assert len(data.train_labels) == 50 and sha256_file(cached) == sha256_file(archive)
+def test_without_data_path_the_source_names_fetchs_folder() -> None:
+    with pytest.raises(UserError, match="data.path: not set.*data/download"):
+        load_cifar10(None, URL, "0" * 64)
 
 
 def test_a_wrong_url_is_a_user_error_not_a_retry(
-        served: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        served: tuple[str, Path], tmp_path: Path) -> None:
     url, _ = served
-    monkeypatch.setenv("CONVFLOW_CACHE", str(tmp_path / "cache"))
     with pytest.raises(UserError, match="HTTP 404.*check data.url") as info:
-        load_cifar10(None, url.replace("cifar-10", "cifar-100"), "0" * 64)
+        download(url.replace("cifar-10", "cifar-100"), tmp_path / "dl" / "c.tar.gz", "0" * 64)
     assert not isinstance(info.value, DownloadError)
 
 
 def test_download_with_the_wrong_checksum_is_not_kept(
-        served: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        served: tuple[str, Path], tmp_path: Path) -> None:
     url, _ = served
-    monkeypatch.setenv("CONVFLOW_CACHE", str(tmp_path / "cache"))
     with pytest.raises(UserError, match=r"sha256 .*expected 0{64}.*not kept"):
-        load_cifar10(None, url, "0" * 64)
-    assert list((tmp_path / "cache").iterdir()) == []
+        download(url, tmp_path / "dl" / "c.tar.gz", "0" * 64)
+    assert list((tmp_path / "dl").iterdir()) == []
 
 
-def test_no_connection_says_so_and_how_to_use_a_local_copy(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CONVFLOW_CACHE", str(tmp_path / "cache"))
+def test_no_connection_says_so_and_how_to_use_a_local_copy(tmp_path: Path) -> None:
     with socket.socket() as s:  # a loopback port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    dest = tmp_path / "dl" / "cifar-10-python.tar.gz"
     with pytest.raises(UserError) as info:
-        load_cifar10(None, f"http://127.0.0.1:{port}/cifar-10-python.tar.gz", "0" * 64)
+        download(f"http://127.0.0.1:{port}/cifar-10-python.tar.gz", dest, "0" * 64)
     msg = str(info.value)
     assert isinstance(info.value, DownloadError)  # worth a retry, unlike a bad file
     assert "could not download" in msg and "refused" in msg.lower()
-    assert "data.path" in msg and str(tmp_path / "cache") in msg
+    assert "data.path" in msg and str(dest) in msg
 
 
 class _CutOffHandler(http.server.BaseHTTPRequestHandler):
@@ -152,26 +148,17 @@ class _CutOffHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_cut_off_download_is_an_error_and_leaves_nothing(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CONVFLOW_CACHE", str(tmp_path / "cache"))
+def test_a_cut_off_download_is_an_error_and_leaves_nothing(tmp_path: Path) -> None:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CutOffHandler)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         with pytest.raises(DownloadError, match="cut off|stopped after"):
-            load_cifar10(None, f"http://127.0.0.1:{server.server_port}/c.tar.gz", "0" * 64)
+            download(f"http://127.0.0.1:{server.server_port}/c.tar.gz",
+                     tmp_path / "dl" / "c.tar.gz", "0" * 64)
     finally:
         server.shutdown()
         server.server_close()
-    assert list((tmp_path / "cache").iterdir()) == []
-
-
-def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("CONVFLOW_CACHE", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache_dir() == tmp_path / "xdg" / "convflow"
-    monkeypatch.setenv("CONVFLOW_CACHE", str(tmp_path / "mine"))
-    assert cache_dir() == tmp_path / "mine"
+    assert list((tmp_path / "dl").iterdir()) == []
 
 
 # ------------------------------------------------------------------------------ bad inputs
@@ -260,6 +247,5 @@ def test_a_local_archive_needs_no_network(tmp_path: Path, monkeypatch: pytest.Mo
         raise AssertionError("tried to use the network")
 
     monkeypatch.setattr("urllib.request.urlopen", no_network)
-    monkeypatch.setenv("CONVFLOW_CACHE", str(tmp_path / "cache"))
     data = _load(write_tar(tmp_path / "c.tar.gz", random_batches(10, 2)))
-    assert len(data.train_labels) == 10 and not (tmp_path / "cache").exists()
+    assert len(data.train_labels) == 10

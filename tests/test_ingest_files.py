@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from stages.errors import UserError
-from stages.sources import CIFAR10_CLASSES, validate_raw
 from stages.sources.imagefolder import load_imagefolder
 from stages.sources.npz import load_npz
+from stages.sources.raw import CIFAR10_CLASSES, validate_raw
 
 
 # ----------------------------------------------------------------------------------- npz

@@ -16,7 +16,7 @@ from stages.ingest import write_raw
 from stages.io import load_split
 from stages.normalize import channel_stats, main, make_splits, stratified_split
 from stages.params import NormalizeParams
-from stages.sources import RawData
+from stages.sources.raw import RawData
 
 
 def _raw(n_train: int = 300, n_test: int = 60, n_classes: int = 3, seed: int = 0) -> RawData:

@@ -1,44 +1,14 @@
-"""Where ingest reads images from: one module per ``data.source``.
+"""Where ingest reads images from: one module per ``data.source``, picked by :func:`load_source`.
 
-Each source returns a :class:`RawData`; :func:`validate_raw` checks it against the raw-data
-contract (uint8 N x 3 x 32 x 32 images, int64 labels in range, one name per class) with the
-same checks every later reader uses (:mod:`stages.io`) before anything is written.
+Each source returns a :class:`~stages.sources.raw.RawData` (the raw-data contract, checked by
+:func:`~stages.sources.raw.validate_raw` before anything is written).
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
-
 from stages.errors import UserError
-from stages.io import IMAGE_SHAPE, check_classes, check_split
 from stages.params import DataParams
-
-log = logging.getLogger("convflow.ingest")
-
-__all__ = ["CIFAR10_CLASSES", "IMAGE_SHAPE", "RawData", "load_source", "validate_raw"]
-#: The CIFAR-10 class names, in label order.
-CIFAR10_CLASSES: tuple[str, ...] = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-)
-
-
-@dataclass(frozen=True)
-class RawData:
-    """Both splits of a data set in the raw contract's layout (uint8 N x 3 x 32 x 32, int64
-    labels), plus where they came from."""
-
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    classes: tuple[str, ...]
-    source: str
-    details: dict[str, Any] = field(default_factory=dict)
+from stages.sources.raw import RawData
 
 
 def load_source(p: DataParams) -> RawData:
@@ -60,14 +30,3 @@ def load_source(p: DataParams) -> RawData:
 
         return load_imagefolder(p.path)
     raise UserError(f"data.source: unknown source '{p.source}'")  # the schema prevents this
-
-
-def validate_raw(data: RawData, origin: str) -> None:
-    """Raise UserError (naming ``origin``) unless ``data`` satisfies the raw-data contract."""
-    fix = "fix the input (data.source, data.path) and run again"
-    classes = check_classes(list(data.classes), origin, fix)
-    for split, images, labels in (("train", data.train_images, data.train_labels),
-                                  ("test", data.test_images, data.test_labels)):
-        check_split(images, labels, len(classes), f"{origin}: {split} split", fix)
-        if len(images) == 0:
-            raise UserError(f"{origin}: the {split} split is empty")

@@ -3,8 +3,8 @@
 The archive is verified against ``data.sha256`` before it is opened, every tar member is
 checked (no ``..``, no absolute paths, no links), the batches are read straight from the
 archive into memory (nothing is extracted to disk) and unpickled with a restricted
-unpickler that admits only what the batches contain. A downloaded archive is kept in the
-user cache, so another project or ``dvc repro -f`` does not download it again.
+unpickler that admits only what the batches contain. The archive is ``data.path``, or the
+fetch stage's download in it (``data/download``): fetch is the one download route.
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ import pickle
 import tarfile
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 
 from stages.errors import UserError
 from stages.io import bad_labels
-from stages.sources import RawData
-from stages.sources.safety import cache_dir, download, iter_tar, verify_sha256
+from stages.sources.raw import RawData
+from stages.sources.safety import archive_name, iter_tar, verify_sha256
 
 log = logging.getLogger("convflow.ingest")
 
@@ -34,33 +33,25 @@ _PIXELS = 3 * 32 * 32
 
 
 def locate_archive(path: str | None, url: str, sha256: str) -> Path:
-    """The verified archive: ``path`` if given, else the cached download (fetched if absent)."""
-    if path:
-        archive = Path(path).expanduser()
-        fetched = archive / (Path(urlparse(url).path).name or "cifar-10-python.tar.gz")
-        if archive.is_dir() and fetched.is_file():
-            archive = fetched  # the fetch stage's folder (data/download)
-        elif archive.is_dir():
-            raise UserError(f"data.path: {archive} is a folder without {fetched.name}; run "
-                            "`dvc repro fetch` (or `dvc pull fetch`), or set data.path to the "
-                            "cifar-10-python.tar.gz archive itself (its checksum is verified)")
-        if not archive.is_file():
-            raise UserError(f"data.path: {archive} does not exist; set it to your "
-                            "cifar-10-python.tar.gz, or to null to download it")
-        verify_sha256(archive, sha256, "The file is corrupt or not this archive: copy or "
-                      "download it again; if it is a re-packed archive you trust, set "
-                      "data.sha256 to its sha256.")
-        return archive
-    name = Path(urlparse(url).path).name or "cifar-10-python.tar.gz"
-    cached = cache_dir() / name
-    if cached.is_file():
-        try:
-            verify_sha256(cached, sha256, "")
-            log.info("using the cached %s", cached)
-            return cached
-        except UserError as err:
-            log.warning("%s; downloading it again", err)
-    return download(url, cached, sha256)
+    """The verified archive: ``data.path`` itself, or the one the fetch stage put in it."""
+    if not path:  # the schema requires it; fetch is the one download route
+        raise UserError("data.path: not set; set it to data/download (the fetch stage's "
+                        "download) or to your cifar-10-python.tar.gz")
+    archive = Path(path).expanduser()
+    fetched = archive / archive_name(url)
+    if archive.is_dir() and fetched.is_file():
+        archive = fetched  # the fetch stage's folder (data/download)
+    elif archive.is_dir():
+        raise UserError(f"data.path: {archive} is a folder without {fetched.name}; run "
+                        "`dvc repro fetch` (or `dvc pull fetch`), or set data.path to the "
+                        "cifar-10-python.tar.gz archive itself (its checksum is verified)")
+    if not archive.is_file():
+        raise UserError(f"data.path: {archive} does not exist; set it to your "
+                        "cifar-10-python.tar.gz, or to data/download (the fetch stage's)")
+    verify_sha256(archive, sha256, "The file is corrupt or not this archive: copy or "
+                  "download it again; if it is a re-packed archive you trust, set "
+                  "data.sha256 to its sha256.")
+    return archive
 
 
 def decode_batch(batch: Any, what: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -126,7 +117,7 @@ def read_archive(archive: str | Path) -> RawData:
 
 
 def load_cifar10(path: str | None, url: str, sha256: str) -> RawData:
-    """CIFAR-10 from ``data.path`` or the (cached) download of ``data.url``, sha256-verified."""
+    """CIFAR-10 from ``data.path`` (an archive, or fetch's folder), sha256-verified."""
     archive = locate_archive(path, url, sha256)
     data = read_archive(archive)
     return RawData(data.train_images, data.train_labels, data.test_images, data.test_labels,

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from stages.errors import UserError
-from stages.sources import RawData
 from stages.sources.images import decode_image
+from stages.sources.raw import RawData
 from stages.sources.safety import iter_tar, read_regular_file
 
 log = logging.getLogger("convflow.ingest")

@@ -20,7 +20,7 @@ import numpy as np
 
 from stages.errors import UserError
 from stages.io import MAX_CLASSES
-from stages.sources import CIFAR10_CLASSES, RawData
+from stages.sources.raw import CIFAR10_CLASSES, RawData
 from stages.sources.safety import expansion_budget, too_big
 
 log = logging.getLogger("convflow.ingest")

@@ -128,12 +128,9 @@ class DownloadError(TransientError):
     ingest exits with status 75, so the Prefect flow retries it."""
 
 
-def cache_dir() -> Path:
-    """Download cache: ``$CONVFLOW_CACHE``, ``$XDG_CACHE_HOME/convflow`` or ``~/.cache/convflow``"""
-    if os.environ.get("CONVFLOW_CACHE"):
-        return Path(os.environ["CONVFLOW_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "convflow"
+def archive_name(url: str) -> str:
+    """The file name a download of ``url`` is stored under (in the fetch stage's folder)."""
+    return Path(urlparse(url).path).name or "cifar-10-python.tar.gz"
 
 
 def sha256_file(path: str | Path) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from stages.params import SyntheticParams
-from stages.sources import RawData
+from stages.sources.raw import RawData
 
 #: Class names, in label order.
 CLASSES: tuple[str, ...] = (
