@@ -1,0 +1,422 @@
+"""The decisions the pipeline makes, at their edges: the mutants scripts/mutation.sh makes of
+the gate, the params bounds, the data report, the input caps, publishing, slots and the
+registry must each fail one of these (fast, in-process) tests."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages.data_report import build_report, class_balance_rows, find_duplicates, sha256_path
+from stages.errors import UserError
+from stages.gate import read_baseline, unjudgeable, verdict
+from stages.ingest import drop_duplicates
+from stages.params import (
+    OFFICIAL_CIFAR10_SHA256,
+    OFFICIAL_CIFAR10_URL,
+    GateParams,
+    Params,
+    accepted_range,
+    flatten,
+    parse_params,
+    shorten,
+)
+from stages.sources.raw import RawData, validate_raw
+
+
+# ------------------------------------------------------------------------------------ gate
+def _prod(accuracy: float | None, version: str | None = "v1") -> dict:
+    return {"version": version, "rev": "abc", "accuracy": accuracy}
+
+
+@pytest.mark.parametrize(("accuracy", "prod", "passed"), [
+    (0.85, 0.90, True),  # a drop of exactly gate.max_drop passes
+    (0.849999, 0.90, False),  # a hair more does not
+    (0.95, 0.90, True),  # better than production
+])
+def test_the_drop_limit_is_inclusive(accuracy: float, prod: float, passed: bool) -> None:
+    result = verdict(accuracy, GateParams(max_drop=0.05), _prod(prod))
+    assert result["passed"] is passed, result["reason"]
+    assert result["drop"] == round(prod - accuracy, 6)
+    assert ("more than gate.max_drop 0.0500" in result["reason"]) is not passed
+
+
+@pytest.mark.parametrize(("accuracy", "passed"), [(0.5, True), (0.4999, False)])
+def test_the_accuracy_floor_is_inclusive(accuracy: float, passed: bool) -> None:
+    result = verdict(accuracy, GateParams(min_accuracy=0.5, max_drop=1), _prod(None, None))
+    assert result["passed"] is passed
+    assert ("below gate.min_accuracy 0.5000" in result["reason"]) is not passed
+
+
+def test_the_default_gate_allows_a_two_point_drop_and_no_floor() -> None:
+    p = GateParams()
+    assert (p.min_accuracy, p.max_drop) == (0.0, 0.02)
+    assert verdict(0.0, p, _prod(None, None))["passed"]
+    assert verdict(0.88, p, _prod(0.90))["passed"]
+    assert not verdict(0.8799, p, _prod(0.90))["passed"]
+
+
+def test_a_passing_verdict_records_every_number_compared() -> None:
+    result = verdict(0.91234567, GateParams(min_accuracy=0.5, max_drop=0.05), _prod(0.9))
+    assert result == {
+        "passed": True, "metric": "test.accuracy", "value": 0.912346, "min_accuracy": 0.5,
+        "max_drop": 0.05, "production_version": "v1", "production_accuracy": 0.9,
+        "drop": round(0.9 - 0.91234567, 6),
+        "reason": "test.accuracy 0.9123 passes gate.min_accuracy 0.5000 and gate.max_drop "
+                  "0.0500 (production v1 0.9000)"}
+    alone = verdict(0.7, GateParams(), _prod(None, None))
+    assert alone["drop"] is None and alone["production_version"] is None
+    assert alone["reason"].endswith("(no model in production)")
+
+
+def test_a_failed_drop_names_production_and_both_numbers() -> None:
+    result = verdict(0.8, GateParams(max_drop=0.05), _prod(0.9, "v7"))
+    assert result["reason"] == ("test.accuracy 0.8000 is 0.1000 below production v7 (0.9000), "
+                                "more than gate.max_drop 0.0500")
+    assert result["value"] == 0.8 and result["production_accuracy"] == 0.9
+
+
+@pytest.mark.parametrize("accuracy", [0.0, 1.0])
+def test_accuracies_at_the_ends_of_the_range_are_judged(accuracy: float) -> None:
+    assert unjudgeable(accuracy, _prod(accuracy), "m.json", "p.yaml") is None
+    assert verdict(accuracy, GateParams(max_drop=1), _prod(accuracy))["passed"]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -0.01, 1.01, True])
+def test_an_accuracy_the_gate_cannot_judge_fails_naming_the_file(bad: float) -> None:
+    result = verdict(bad, GateParams(), _prod(None, None), metrics_file="m.json")
+    assert not result["passed"] and result["value"] is None
+    assert result["reason"].startswith("m.json: test.accuracy is ")
+    prod = verdict(0.9, GateParams(), _prod(bad), baseline_file="p.yaml")
+    assert not prod["passed"] and prod["reason"].startswith("p.yaml: accuracy is ")
+    assert prod["production_accuracy"] is None and prod["drop"] is None
+
+
+def test_a_production_version_without_accuracy_fails() -> None:
+    result = verdict(0.9, GateParams(), _prod(None, "v3"), baseline_file="p.yaml")
+    assert not result["passed"]
+    assert result["reason"].startswith("p.yaml: production version v3 has no accuracy")
+
+
+def test_the_baseline_file(tmp_path: Path) -> None:
+    path = tmp_path / "production.yaml"
+    assert read_baseline(path) == {"version": None, "rev": None, "accuracy": None}
+    path.write_text("")
+    assert read_baseline(path) == {"version": None, "rev": None, "accuracy": None}
+    path.write_text("version: v2\nrev: abc\naccuracy: 0.9\n")
+    assert read_baseline(path) == {"version": "v2", "rev": "abc", "accuracy": 0.9}
+    path.write_text("accuracy: 1\n")
+    assert read_baseline(path)["accuracy"] == 1
+    for text, message in (("- 1\n", "expected a mapping"), ("accuracy: true\n", "a number"),
+                          ("accuracy: high\n", "a number"), ("version: 3\n", "a name"),
+                          ("version: \"a\\tb\"\n", "a name")):
+        path.write_text(text)
+        with pytest.raises(UserError, match=message):
+            read_baseline(path)
+
+
+def _gate_main(tmp: Path, metrics: object, production: str | None = None,
+               **gate: float) -> dict:
+    from stages.gate import main
+    from stages.io import read_json, write_json
+
+    (tmp / "params.yaml").write_text(f"gate: {gate or {}}\n".replace("'", ""))
+    write_json(tmp / "evaluate.json", metrics)
+    if production is not None:
+        (tmp / "production.yaml").write_text(production)
+    main(["--metrics", str(tmp / "evaluate.json"), "--production",
+          str(tmp / "production.yaml"), "--out", str(tmp / "gate.json")])
+    return read_json(tmp / "gate.json")
+
+
+def test_the_gate_stage_writes_its_verdict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level("INFO", "convflow.gate")
+    result = _gate_main(tmp_path, {"test": {"accuracy": 0.9}}, "version: v1\naccuracy: 0.95\n",
+                        max_drop=0.05)
+    assert result["passed"] and result["production_version"] == "v1"
+    assert result["min_accuracy"] == 0.0 and result["drop"] == 0.05
+    assert caplog.records[-1].getMessage().startswith("passed: test.accuracy 0.9000 passes")
+    result = _gate_main(tmp_path, {"test": {"accuracy": 1}}, None, min_accuracy=0.5)
+    assert result["value"] == 1.0 and result["min_accuracy"] == 0.5
+    failed = _gate_main(tmp_path, {"test": {"accuracy": 0.4}}, None, min_accuracy=0.5)
+    assert not failed["passed"] and failed["max_drop"] == 0.02
+    assert caplog.records[-1].levelname == "WARNING"
+    assert caplog.records[-1].getMessage() == f"FAILED: {failed['reason']}"
+    assert failed["reason"].startswith("test.accuracy 0.4000 is below gate.min_accuracy")
+
+
+@pytest.mark.parametrize("metrics", [{}, {"test": {}}, {"test": {"accuracy": True}},
+                                     {"test": {"accuracy": "0.9"}}, {"test": 3}, []])
+def test_the_gate_stage_needs_a_test_accuracy_number(tmp_path: Path, metrics: object,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"evaluate.json: no test.accuracy number; re-run "):
+        _gate_main(tmp_path, metrics)
+    assert not (tmp_path / "gate.json").exists()
+
+
+# ----------------------------------------------------------------------------- data report
+def _raw(train: list[int], test: list[int], labels: list[int] | None = None,
+         **details: object) -> RawData:
+    """Images whose pixels are all the given value (equal values = duplicate images)."""
+    def images(values: list[int]) -> np.ndarray:
+        return np.stack([np.full((3, 32, 32), v, np.uint8) for v in values])
+
+    train_labels = np.asarray(labels if labels is not None else [v % 3 for v in train])
+    return RawData(images(train), train_labels, images(test),
+                   np.asarray([v % 3 for v in test]), ("a", "b", "c"), "npz", dict(details))
+
+
+def test_duplicates_are_counted_apart_from_leaks() -> None:
+    # train: 1, 1, 1, 2, 5, 5, 7 (two repeats of 1, one of 5); test holds 2 and 5 (leaks)
+    data = _raw([1, 1, 1, 2, 5, 5, 7], [2, 5, 9])
+    dups = find_duplicates(data)
+    assert dups.within_train.tolist() == [1, 2, 5]
+    assert dups.train_in_test.tolist() == [3, 4, 5]
+    assert dups.drop().tolist() == [1, 2, 3, 4, 5]
+    report = build_report(data, dups, 0, "ab" * 32, "d.npz")
+    assert report["duplicates"] == {"within_train": 3, "train_in_test": 3,
+                                    "dropped_from_train": 0}
+    kept, _, dropped = drop_duplicates(data, True)
+    assert dropped == 5 and [int(x[0, 0, 0]) for x in kept.train_images] == [1, 7]
+    same, _, none = drop_duplicates(data, False)
+    assert same is data and none == 0
+
+
+def test_the_report_counts_images_per_class_and_split() -> None:
+    data = _raw([0, 1, 2, 3, 4], [0, 1], labels=[0, 0, 2, 2, 2], sizes={"64x64": 3, "32x32": 4},
+                resized=3)
+    report = build_report(data, find_duplicates(data), 2, None, None)
+    assert report == {
+        "source": "npz", "input": {"path": None, "sha256": None}, "classes": 3,
+        "images": {"train": {"total": 5, "a": 2, "b": 0, "c": 3},
+                   "test": {"total": 2, "a": 1, "b": 1, "c": 0}},
+        "sizes_seen": {"32x32": 4, "64x64": 3},
+        "resized": {"images": 3, "how": "RGB, bilinear to 32x32 (no crop)"},
+        "duplicates": {"within_train": 0, "train_in_test": 2, "dropped_from_train": 2}}
+    plain = build_report(_raw([1, 2], [3]), find_duplicates(_raw([1, 2], [3])), 1, None, None)
+    assert plain["sizes_seen"] == {"32x32": 4} and plain["resized"]["images"] == 0
+    assert class_balance_rows(data) == [{"class": "a", "train": 2, "test": 1},
+                                        {"class": "b", "train": 0, "test": 1},
+                                        {"class": "c", "train": 3, "test": 0}]
+
+
+def test_dropping_every_training_image_is_refused() -> None:
+    with pytest.raises(UserError, match="d.npz: data.drop_duplicates removed all 2 training"):
+        drop_duplicates(_raw([1, 1], [1]), True, "d.npz")
+
+
+def test_the_input_hash_covers_names_and_bytes_but_not_hidden_files(tmp_path: Path) -> None:
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    (tmp_path / "a" / "x.png").write_bytes(b"1")
+    (tmp_path / "a" / "sub" / "y.png").write_bytes(b"2")
+    first = sha256_path(tmp_path / "a")
+    assert first == hashlib.sha256("".join(sorted(
+        [f"x.png\0{hashlib.sha256(b'1').hexdigest()}\n",
+         f"sub/y.png\0{hashlib.sha256(b'2').hexdigest()}\n"])).encode()).hexdigest()
+    (tmp_path / "a" / ".DS_Store").write_bytes(b"junk")
+    (tmp_path / "a" / ".git").mkdir()
+    (tmp_path / "a" / ".git" / "z").write_bytes(b"junk")
+    assert sha256_path(tmp_path / "a") == first
+    (tmp_path / "a" / "sub" / "y.png").rename(tmp_path / "a" / "sub" / "w.png")
+    assert sha256_path(tmp_path / "a") != first
+    assert sha256_path(tmp_path / "a" / "x.png") == hashlib.sha256(b"1").hexdigest()
+
+
+def test_ingest_refuses_a_label_outside_the_classes() -> None:
+    data = _raw([1, 2], [3], labels=[0, 3])
+    with pytest.raises(UserError, match=r"d.npz: train split.*label"):
+        validate_raw(data, "d.npz")
+    validate_raw(_raw([1, 2], [3], labels=[0, 2]), "d.npz")
+    with pytest.raises(UserError, match="d.npz: the test split is empty"):
+        validate_raw(replace(_raw([1], [2]), test_images=np.empty((0, 3, 32, 32), np.uint8),
+                             test_labels=np.empty(0, np.int64)), "d.npz")
+
+
+# --------------------------------------------------------------------------------- params
+#: Every params default, as params.yaml documents it (a changed default must be deliberate).
+DEFAULTS = {
+    "data.source": "synthetic", "data.path": None, "data.url": OFFICIAL_CIFAR10_URL,
+    "data.sha256": OFFICIAL_CIFAR10_SHA256, "data.drop_duplicates": False,
+    "data.synthetic.n_train": 10000, "data.synthetic.n_test": 2000, "data.synthetic.seed": 0,
+    "normalize.val_fraction": 0.1, "normalize.seed": 0, "normalize.standardize": True,
+    "train.model": "seed_net", "train.device": "auto", "train.epochs": 10,
+    "train.batch_size": 256, "train.optimizer": "adam", "train.lr": 0.004,
+    "train.momentum": 0.9, "train.weight_decay": 0.0005, "train.decay_all": False,
+    "train.bias_lr_scale": 1.0, "train.schedule": "onecycle", "train.label_smoothing": 0.1,
+    "train.augment_flip": True, "train.flip_mode": "random", "train.augment_crop": 2,
+    "train.crop_fill": "zeros", "train.whiten_bias_epochs": None, "train.lookahead": False,
+    "train.lookahead_start": 3, "train.lookahead_every": 5, "train.lookahead_decay": 0.95,
+    "train.lookahead_power": 3.0, "train.precision": "auto", "train.channels_last": "auto",
+    "train.compile": "auto", "train.threads": 0, "train.seed": 0, "train.nproc": 1,
+    "train.log_every": 10, "evaluate.batch_size": 1000, "evaluate.tta_flip": False,
+    "evaluate.n_wrong": 16, "plot.dpi": 120, "plot.n_images": 10, "plot.kernel_image": 0,
+    "gate.min_accuracy": 0.0, "gate.max_drop": 0.02,
+}
+SEED = 2**32 - 1
+#: key: (lowest accepted, highest accepted, first refused below, first refused above)
+BOUNDS = {
+    "data.synthetic.n_train": (1, 500_000, 0, 500_001),
+    "data.synthetic.n_test": (1, 500_000, 0, 500_001),
+    "data.synthetic.seed": (0, SEED, -1, SEED + 1),
+    "normalize.val_fraction": (0.0, 0.999999, -1e-6, 1.0),
+    "normalize.seed": (0, SEED, -1, SEED + 1),
+    "train.epochs": (1e-6, 10_000, 0, 10_000.5),  # int | float: the upper bound on both
+    "train.batch_size": (1, 65_536, 0, 65_537),
+    "train.lr": (1e-12, 1e9, 0, math.inf),
+    "train.momentum": (0, 0.999999, -1e-6, 1),
+    "train.weight_decay": (0, 1, -1e-6, 1.000001),
+    "train.bias_lr_scale": (1e-6, 10_000, 0, 10_000.001),
+    "train.label_smoothing": (0, 0.999999, -1e-6, 1),
+    "train.augment_crop": (0, 16, -1, 17),
+    "train.whiten_bias_epochs": (0, 10_000, -1, 10_001),
+    "train.lookahead_start": (0, 10_000, -1, 10_001),
+    "train.lookahead_every": (1, 1_000_000, 0, 1_000_001),
+    "train.lookahead_decay": (1e-6, 0.999999, 0, 1),
+    "train.lookahead_power": (0, 100, -1e-6, 100.000001),
+    "train.threads": (0, 1024, -1, 1025),
+    "train.seed": (0, SEED, -1, SEED + 1),
+    "train.nproc": (1, 64, 0, 65),
+    "train.log_every": (1, 1_000_000, 0, 1_000_001),
+    "evaluate.batch_size": (1, 65_536, 0, 65_537),
+    "evaluate.n_wrong": (0, 256, -1, 257),
+    "plot.dpi": (1, 600, 0, 601),
+    "plot.n_images": (1, 64, 0, 65),
+    "plot.kernel_image": (0, 500_000, -1, 500_001),
+    "gate.min_accuracy": (0, 1, -1e-6, 1.000001),
+    "gate.max_drop": (0, 1, -1e-6, 1.000001),
+}
+
+
+def _params(key: str, value: object) -> dict:
+    *groups, name = key.split(".")
+    raw: dict = {name: value}
+    for group in reversed(groups):
+        raw = {group: raw}
+    return raw
+
+
+def test_every_default_is_the_documented_one() -> None:
+    assert flatten(Params()) == DEFAULTS
+    assert flatten(parse_params(None)) == DEFAULTS
+
+
+@pytest.mark.parametrize("key", sorted(BOUNDS))
+def test_each_bound_is_where_the_schema_says(key: str) -> None:
+    low, high, below, above = BOUNDS[key]
+    for ok in (low, high):
+        assert flatten(parse_params(_params(key, ok)))[key] == ok
+    for bad in (below, above):
+        with pytest.raises(UserError, match=rf"params.yaml: {re.escape(key)}: "):
+            parse_params(_params(key, bad))
+    if isinstance(high, int) and not isinstance(above, float):
+        with pytest.raises(UserError, match=re.escape(key)):
+            parse_params(_params(key, high + 0.5))  # an int field takes no fraction
+
+
+@pytest.mark.parametrize(("key", "value", "shown"), [
+    ("train.epochs", 0, "(got 0); accepted: 0 < x <= 10000"),
+    ("train.momentum", 1, "(got 1); accepted: 0 <= x < 1"),
+    ("normalize.val_fraction", 1.5, "(got 1.5); accepted: 0.0 <= x < 1.0"),
+    ("train.lr", -1, "(got -1); accepted: 0 < x"),
+    ("train.lr", math.nan, "finite number (got nan); accepted: 0 < x"),
+])
+def test_a_value_out_of_range_names_the_range(key: str, value: float, shown: str) -> None:
+    with pytest.raises(UserError) as info:
+        parse_params(_params(key, value))
+    assert str(info.value).startswith(f"invalid parameters:\n  params.yaml: {key}: ")
+    assert str(info.value).endswith(shown)
+
+
+def test_several_problems_are_listed_one_a_line() -> None:
+    with pytest.raises(UserError) as info:
+        parse_params({"train": {"epochs": 0, "lrr": 1}, "gate": "x"}, "p.yaml")
+    lines = str(info.value).splitlines()
+    assert lines[0] == "invalid parameters:" and len(lines) == 4
+    assert "  p.yaml: unknown key 'train.lrr' in 'train'; accepted keys: augment_crop, " \
+           "augment_flip, batch_size" in str(info.value)
+    assert any(line.startswith("  p.yaml: gate: ") and "(got 'x')" in line for line in lines)
+    assert accepted_range(("train", "model")) == ""
+    assert accepted_range(("gate", "max_drop")) == "0 <= x <= 1"
+
+
+def test_a_key_at_the_top_level_lists_the_groups() -> None:
+    with pytest.raises(UserError, match=r"unknown key 'trian'; accepted keys: data, evaluate, "
+                                        r"gate, normalize, plot, train$"):
+        parse_params({"trian": {}})
+    with pytest.raises(UserError, match="x.yaml: expected a mapping of groups .*got list"):
+        parse_params([1], "x.yaml")
+
+
+@pytest.mark.parametrize(("source", "hint"), [("npz", ""), ("imagefolder", ""),
+                                              ("cifar10", " (data/download: the fetch stage")])
+def test_sources_that_read_files_need_data_path(source: str, hint: str) -> None:
+    with pytest.raises(UserError, match=re.escape(
+            f"data.source '{source}' reads a local file: set data.path to it{hint}")):
+        parse_params({"data": {"source": source}})
+    assert parse_params({"data": {"source": source, "path": "x"}}).data.path == "x"
+
+
+def test_shorten_cuts_long_values_with_an_ellipsis() -> None:
+    assert shorten("a" * 80) == "a" * 80
+    assert shorten("a" * 81) == "a" * 79 + "…"
+    assert shorten(12345, 3) == "12…"
+
+
+def test_unjudgeable_verdicts_say_what_to_do() -> None:
+    assert verdict(math.nan, GateParams(), _prod(None, None))["reason"] == (
+        "evaluate.json: test.accuracy is nan, not a number in [0, 1]; the gate cannot judge "
+        "it (re-run evaluate: dvc repro -f evaluate)")
+    assert verdict(0.9, GateParams(), _prod(2.0))["reason"] == (
+        "production.yaml: accuracy is 2.0, not a number in [0, 1]; gate.max_drop cannot be "
+        "checked (restore the file from git or let the flow rewrite it)")
+    assert verdict(0.9, GateParams(), _prod(None, "v3"))["reason"] == (
+        "production.yaml: production version v3 has no accuracy; gate.max_drop cannot be "
+        "checked (record its test.accuracy there, or put a model with metrics in production)")
+
+
+def test_the_gate_stage_fails_closed_on_nan_naming_its_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages.gate import main
+    from stages.io import read_json
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("gate: {}\n")
+    (tmp_path / "m.json").write_text('{"test": {"accuracy": NaN}}')
+    (tmp_path / "p.yaml").write_text("version: v1\naccuracy: 0.9\n")
+    main(["--metrics", "m.json", "--production", "p.yaml", "--out", "g.json"])
+    result = read_json(tmp_path / "g.json")
+    assert not result["passed"] and result["reason"].startswith("m.json: test.accuracy is nan")
+    (tmp_path / "m.json").write_text('{"test": {"accuracy": 0.9}}')
+    (tmp_path / "p.yaml").write_text("version: v1\naccuracy: .nan\n")
+    main(["--metrics", "m.json", "--production", "p.yaml", "--out", "g.json"])
+    assert read_json(tmp_path / "g.json")["reason"].startswith("p.yaml: accuracy is nan")
+
+
+def test_the_gate_stage_takes_three_required_paths(capsys: pytest.CaptureFixture[str]) -> None:
+    from stages.gate import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    for text in ("Stage ``gate``: the quality verdict on the evaluated model, written as a "
+                 "metrics file.", "--metrics METRICS evaluate's metrics file (evaluate.json)",
+                 "--production PRODUCTION production baseline (production.yaml)",
+                 "--out OUT verdict file to write (gate.json)"):
+        assert text in shown
+    for missing in ("--metrics", "--production", "--out"):
+        args = {"--metrics": "m", "--production": "p", "--out": "o"}
+        del args[missing]
+        with pytest.raises(SystemExit) as info:
+            main([x for kv in args.items() for x in kv])
+        assert info.value.code == 2
+        assert f"the following arguments are required: {missing}" in capsys.readouterr().err
