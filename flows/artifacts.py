@@ -60,9 +60,14 @@ def _cell(value: Any) -> str:
 
 def record_run(root: Path, summary: list[dict[str, Any]], rev: str = "HEAD",
                gate: dict[str, Any] | None = None) -> None:
-    """Stage summary, metrics table and diff vs the last commit, as Prefect artifacts."""
+    """Stage summary, metrics table and diff vs the last commit, as Prefect artifacts (the
+    summary only when no stage ran)."""
     create_table_artifact(table=summary, key="convflow-stages",
                           description="Stages of this run: ran / up to date / failed, seconds")
+    if all(row.get("status") == "up to date" for row in summary):
+        # nothing ran: the metrics and their diff are those the last run that ran a stage
+        # recorded (the latest version of each key); diffing again costs ~1 s of a no-op run
+        return
     rows = dvc.metrics_rows(root)
     if rows:
         create_table_artifact(table=list(rows), key="convflow-metrics",
