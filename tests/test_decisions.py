@@ -5,15 +5,27 @@ registry must each fail one of these (fast, in-process) tests."""
 from __future__ import annotations
 
 import hashlib
+import http.client
+import json
 import math
+import os
 import re
+import socket
+import urllib.error
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from stages.data_report import build_report, class_balance_rows, find_duplicates, sha256_path
+from flows import slots
+from stages.data_report import (
+    build_report,
+    class_balance_rows,
+    find_duplicates,
+    sha256_path,
+    write_report,
+)
 from stages.errors import UserError
 from stages.gate import read_baseline, unjudgeable, verdict
 from stages.ingest import drop_duplicates
@@ -27,6 +39,7 @@ from stages.params import (
     parse_params,
     shorten,
 )
+from stages.sources import safety
 from stages.sources.raw import RawData, validate_raw
 
 
@@ -187,6 +200,7 @@ def test_duplicates_are_counted_apart_from_leaks() -> None:
                                     "dropped_from_train": 0}
     kept, _, dropped = drop_duplicates(data, True)
     assert dropped == 5 and [int(x[0, 0, 0]) for x in kept.train_images] == [1, 7]
+    assert kept.train_labels.tolist() == [1, 1] and kept.test_labels is data.test_labels
     same, _, none = drop_duplicates(data, False)
     assert same is data and none == 0
 
@@ -420,3 +434,210 @@ def test_the_gate_stage_takes_three_required_paths(capsys: pytest.CaptureFixture
             main([x for kv in args.items() for x in kv])
         assert info.value.code == 2
         assert f"the following arguments are required: {missing}" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- input safety caps
+def test_env_numbers_must_be_positive(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CONVFLOW_X", raising=False)
+    assert safety.env_number("CONVFLOW_X", 3) == 3
+    monkeypatch.setenv("CONVFLOW_X", "")
+    assert safety.env_number("CONVFLOW_X", 3) == 3
+    monkeypatch.setenv("CONVFLOW_X", "2.5")
+    assert safety.env_number("CONVFLOW_X", 3) == 2.5
+    for raw, message in (("lots", "CONVFLOW_X='lots': expected a number"),
+                         ("0", "CONVFLOW_X='0': expected a positive number"),
+                         ("-1", "CONVFLOW_X='-1': expected a positive number")):
+        monkeypatch.setenv("CONVFLOW_X", raw)
+        with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+            safety.env_number("CONVFLOW_X", 3)
+
+
+def test_the_size_caps_and_their_knobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("CONVFLOW_MAX_FILE_MB", "CONVFLOW_MAX_EXPANSION", "CONVFLOW_MAX_DOWNLOAD_MB"):
+        monkeypatch.delenv(name, raising=False)
+    assert safety.max_file_bytes() == 64 << 20
+    assert safety.expansion_budget(1000) == (32 << 20) + 50 * 1000
+    assert safety.download_cap("0" * 64) == 512 << 20
+    assert safety.download_cap(OFFICIAL_CIFAR10_SHA256.upper()) == 170_498_071
+    monkeypatch.setenv("CONVFLOW_MAX_FILE_MB", "0.5")
+    monkeypatch.setenv("CONVFLOW_MAX_EXPANSION", "2")
+    monkeypatch.setenv("CONVFLOW_MAX_DOWNLOAD_MB", "3")
+    assert safety.max_file_bytes() == 1 << 19
+    assert safety.expansion_budget(1000) == (32 << 20) + 2000
+    assert safety.download_cap("0" * 64) == 3 << 20
+    assert str(safety.too_big("a.tar", 3 << 20, 1 << 20, "KNOB")) == (
+        "a.tar: would decompress to 3.0 MB, more than the 1.0 MB allowed (a decompression "
+        "bomb or a file that is not what it claims); refused. If you trust it, raise KNOB")
+
+
+def test_only_regular_files_are_read_up_to_the_cap(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVFLOW_MAX_FILE_MB", str(100 / (1 << 20)))  # 100 bytes
+    (tmp_path / "ok").write_bytes(b"x" * 100)
+    assert safety.read_regular_file(tmp_path / "ok") == b"x" * 100
+    (tmp_path / "big").write_bytes(b"x" * 101)
+    with pytest.raises(UserError, match=r"big: would decompress to 0\.0 MB.*MAX_FILE_MB$"):
+        safety.read_regular_file(tmp_path / "big")
+    with pytest.raises(UserError, match=r"status: holds more than the 100 bytes allowed for "
+                                        r"one file \(its size said 0 bytes\)"):
+        safety.read_regular_file("/proc/self/status")  # claims 0 bytes, holds more
+    with pytest.raises(UserError, match=r"nope: no such image file$"):
+        safety.read_regular_file(tmp_path / "nope")
+    os.mkfifo(tmp_path / "fifo")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "sock"))
+        for path, kind in (("fifo", "a FIFO"), ("/dev/null", "a device"), (".", "a folder"),
+                           ("sock", "a socket")):
+            with pytest.raises(UserError, match=rf": {kind}, not a regular file; only "):
+                safety.read_regular_file(tmp_path / path)
+
+
+@pytest.mark.parametrize(("url", "name"), [
+    ("https://example.org/a/cifar.tar.gz?x=1", "cifar.tar.gz"),
+    ("https://example.org/", "cifar-10-python.tar.gz")])
+def test_a_download_is_stored_under_the_urls_file_name(url: str, name: str) -> None:
+    assert safety.archive_name(url) == name
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("ftp://example.org/c.tar.gz", "is not an http:// or https:// URL"),
+    ("https:///c.tar.gz", "is not an http:// or https:// URL"),
+    ("http://example.org/a/..", "ends in '..', not a file name"),
+    ("http://[::1/c.tar.gz", "is not a valid URL"),
+])
+def test_only_http_urls_of_a_file_are_downloaded(url: str, message: str) -> None:
+    with pytest.raises(UserError, match=re.escape(f"data.url: {url!r} {message}")):
+        safety.check_url(url)
+    safety.check_url("HTTPS://example.org/c.tar.gz")
+    safety.check_url("http://example.org/c.tar.gz")
+
+
+def test_a_checksum_is_compared_case_blind(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"abc")
+    digest = hashlib.sha256(b"abc").hexdigest()
+    assert safety.sha256_file(tmp_path / "f") == digest
+    safety.verify_sha256(tmp_path / "f", digest.upper(), "fix")
+    with pytest.raises(UserError) as info:
+        safety.verify_sha256(tmp_path / "f", "AB" * 32, "Fix it.")
+    assert str(info.value) == (f"{tmp_path / 'f'}: sha256 mismatch: expected {'ab' * 32}, got "
+                               f"{digest}. Fix it.")
+
+
+@pytest.mark.parametrize(("err", "transient", "text"), [
+    (http.client.IncompleteRead(b""), True, "download of U was cut off before the end; run "
+                                            "again. H"),
+    (urllib.error.HTTPError("U", 404, "Not Found", {}, None), False,
+     "could not download U: HTTP 404 Not Found; check data.url. H"),
+    (urllib.error.HTTPError("U", 408, "Timeout", {}, None), True,
+     "could not download U: HTTP 408 Timeout. H"),
+    (urllib.error.HTTPError("U", 429, "Slow down", {}, None), True,
+     "could not download U: HTTP 429 Slow down. H"),
+    (urllib.error.HTTPError("U", 499, "Odd", {}, None), False,
+     "could not download U: HTTP 499 Odd; check data.url. H"),
+    (urllib.error.HTTPError("U", 500, "Oops", {}, None), True,
+     "could not download U: HTTP 500 Oops. H"),
+    (urllib.error.URLError(TimeoutError()), True,
+     "could not download U: the server sent nothing for 7 s (timed out); run again later. H"),
+    (TimeoutError(), True,
+     "could not download U: the server sent nothing for 7 s (timed out); run again later. H"),
+    (urllib.error.URLError("refused"), True, "could not download U: refused. H"),
+    (ConnectionResetError("reset"), True, "could not download U: reset. H"),
+    (ValueError("bad"), False, "data.url: cannot download 'U' (bad)"),
+])
+def test_a_failed_download_is_retried_only_when_it_may_pass(err: Exception, transient: bool,
+                                                            text: str) -> None:
+    failure = safety._failure(err, "U", 7, "H")
+    assert isinstance(failure, safety.DownloadError) is transient
+    assert isinstance(failure, UserError) and str(failure) == text
+
+
+def test_a_malformed_baseline_is_one_line_naming_file_value_and_fix(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    fix = "restore it from git, or let `python -m flows run` rewrite it from the registry"
+    for text, message in (
+            ("- 1\n", "expected a mapping (version, rev, accuracy), got a list"),
+            ("accuracy: high\n", "accuracy must be a number or null, got 'high'"),
+            ("version: 3\n", "version must be a name or null, got 3")):
+        path.write_text(text)
+        with pytest.raises(UserError) as info:
+            read_baseline(path)
+        assert str(info.value) == f"{path}: {message}; {fix}"
+    path.write_text("accuracy: [1\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: invalid YAML at line 2"):
+        read_baseline(path)
+
+
+def test_a_report_file_is_written_whole(tmp_path: Path) -> None:
+    write_report(tmp_path / "m" / "data.json", {"a": [1, 2]})
+    assert json.loads((tmp_path / "m" / "data.json").read_text()) == {"a": [1, 2]}
+    assert [p.name for p in (tmp_path / "m").iterdir()] == ["data.json"]
+
+
+# ---------------------------------------------------------------------------------- slots
+@pytest.fixture
+def no_slot_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("CONVFLOW_SLOT", "CONVFLOW_SLOT_STAGES", "CONVFLOW_LEASE_S",
+                 "CONVFLOW_SLOT_WAIT_S", "CONVFLOW_SLOT_NOTICE_S", "CONVFLOW_DEVICES",
+                 "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_the_default_slot_and_the_ways_to_turn_it_off(no_slot_env: pytest.MonkeyPatch) -> None:
+    assert slots.slot_name() == "convflow-gpu" and slots.slot_stages() == {"train"}
+    no_slot_env.setenv("CONVFLOW_SLOT", "  team-gpus ")
+    assert slots.slot_name() == "team-gpus"
+    for off in ("", " ", "off", "OFF", "none", "None", "0"):
+        no_slot_env.setenv("CONVFLOW_SLOT", off)
+        assert slots.slot_name() is None, off
+    no_slot_env.setenv("CONVFLOW_SLOT_STAGES", " train, evaluate ,,")
+    assert slots.slot_stages() == {"train", "evaluate"}
+
+
+def test_lease_and_wait_settings(no_slot_env: pytest.MonkeyPatch) -> None:
+    assert slots.lease_s() == 60.0  # Prefect's shortest lease
+    no_slot_env.setenv("CONVFLOW_LEASE_S", "30")
+    assert slots.lease_s() == 60.0
+    no_slot_env.setenv("CONVFLOW_LEASE_S", "90.5")
+    assert slots.lease_s() == 90.5
+    assert slots._env_s("CONVFLOW_SLOT_WAIT_S", 7.0) == 7.0
+    no_slot_env.setenv("CONVFLOW_SLOT_WAIT_S", "0")
+    assert slots._env_s("CONVFLOW_SLOT_WAIT_S", 7.0) == 0.0
+    slots.check_settings()
+    for bad in ("-1", "inf", "soon", "nan", "x" * 60):
+        no_slot_env.setenv("CONVFLOW_SLOT_NOTICE_S", bad)
+        with pytest.raises(UserError) as info:
+            slots.check_settings()
+        assert str(info.value) == (f"CONVFLOW_SLOT_NOTICE_S={bad[:40]!r}: expected a number of "
+                                   "seconds, 0 or more")
+
+
+def test_devices_come_from_the_first_variable_set(no_slot_env: pytest.MonkeyPatch) -> None:
+    no_slot_env.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert slots.gpu_ids() == ["2", "3"]
+    no_slot_env.setenv("CONVFLOW_DEVICES", " 0, ,1,-1")
+    assert slots.gpu_ids() == ["0", "1"]
+    no_slot_env.setenv("CONVFLOW_DEVICES", "")
+    assert slots.gpu_ids() == []
+    no_slot_env.delenv("CONVFLOW_DEVICES")
+    no_slot_env.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert slots.gpu_ids() == []
+
+
+def test_a_device_limit_names_slot_host_and_device(no_slot_env: pytest.MonkeyPatch) -> None:
+    no_slot_env.setattr(socket, "gethostname", lambda: "node/1:a%b")
+    assert slots.machine() == "node-1-a-b"
+    assert slots.device_limit("0") == "convflow-gpu:node-1-a-b:0"
+    assert slots.device_limit("GPU-1/2", "pool") == "pool:node-1-a-b:GPU-1-2"
+    no_slot_env.setattr(socket, "gethostname", lambda: "")
+    assert slots.machine() == "localhost"
+
+
+def test_a_pool_hands_out_each_device_once_at_a_time() -> None:
+    pool = slots.DevicePool(["0", "1"])
+    with pool.device() as a, pool.device() as b:
+        assert {a["CUDA_VISIBLE_DEVICES"], b["CUDA_VISIBLE_DEVICES"]} == {"0", "1"}
+    with pool.device() as again:
+        assert again["CUDA_VISIBLE_DEVICES"] in {"0", "1"}
+    with slots.DevicePool([]).device() as none:
+        assert none == {}
