@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -126,6 +127,9 @@ def join_launched(fn: Callable[..., Any], nproc: int, device: torch.device,
     backend = backend_for(device)
     log.info("process %d of %d (local %d), %s backend, rendezvous %s:%s", rank, world, local,
              backend, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+    # the launcher stops a group with SIGTERM when a peer dies; a process blocked in a
+    # collective cannot run Python's handler, so it goes at once (outputs are atomic)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world)
     try:
         fn(*args)

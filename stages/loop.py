@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stages.ddp import from_rank0
 from stages.device import Settings, autocast, resolve_settings
 from stages.errors import UserError
 from stages.loader import TrainLoader
@@ -248,6 +249,24 @@ def train_epoch(run: Run, epoch: int, total: int, criterion: nn.Module, settings
     return loss_sum, correct, last + 1
 
 
+def validated(model: nn.Module, val_x: torch.Tensor, val_y: torch.Tensor, settings: Settings,
+              rank: int, world: int) -> dict[str, float]:
+    """Rank 0's validation metrics, on every rank, each replica holding rank 0's model.
+
+    BatchNorm's running statistics are each process's own after its last step (DDP sends
+    rank 0's at the next forward): they are made rank 0's here, which changes nothing rank
+    0 computes and lets any machine write the same model and history.
+    """
+    if world > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+    out: dict[str, float] = {}
+    if rank == 0 and len(val_x):
+        val_loss, val_acc = validate(model, val_x, val_y, settings)
+        out = {"val/loss": round(val_loss, 6), "val/acc": round(val_acc, 6)}
+    return from_rank0(out)
+
+
 def fit(p: TrainParams, data: Dataset, device: torch.device, *,
         resume: dict[str, Any] | None = None,
         on_epoch: Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None] | None = None,
@@ -280,9 +299,7 @@ def fit(p: TrainParams, data: Dataset, device: torch.device, *,
                                     "train/loss": round(float(loss_sum) / (taken * world), 6),
                                     "train/acc": round(float(correct) / (taken * run.loader.batch),
                                                        6)}
-        if rank == 0 and len(val_x):
-            val_loss, val_acc = validate(run.model, val_x, val_y, settings)
-            record.update({"val/loss": round(val_loss, 6), "val/acc": round(val_acc, 6)})
+        record.update(validated(run.model, val_x, val_y, settings, rank, world))
         record["lr"] = lr_at(min(total, (epoch + 1) * steps) - 1, total, p)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from stages.checkpoint import LiveLog, load_checkpoint, save_checkpoint
-from stages.ddp import from_rank0, join_launched, launch, launched
+from stages.ddp import from_rank0, join_launched, launch, launched, writes_outputs
 from stages.device import keep_freed_memory, pick_device, set_threads
 from stages.errors import UserError, run_cli
 from stages.fingerprint import code_fingerprint, data_fingerprint, run_fingerprint
@@ -63,7 +63,7 @@ def train_process(data_dir: str, model_path: str, checkpoint_path: str, live_dir
     # rank 0's checkpoint for every rank: on several machines only rank 0's folder has it
     resume = from_rank0(load_checkpoint(Path(checkpoint_path), fingerprint) if rank == 0
                         else None)
-    live = LiveLog(live_dir) if rank == 0 else None
+    live = LiveLog(live_dir) if writes_outputs(rank) else None
     if live is not None and resume is not None:
         for record in resume["history"]["epochs"]:
             live.epoch(record)
@@ -82,7 +82,7 @@ def train_process(data_dir: str, model_path: str, checkpoint_path: str, live_dir
     result = fit(p, data, device, resume=resume, on_epoch=on_epoch)
     seconds = time.perf_counter() - t0
     final = result.history.epochs[-1] if result.history.epochs else {}
-    if rank == 0:
+    if live is not None:
         summary = {k: final[k] for k in ("train/loss", "train/acc", "val/loss", "val/acc")
                    if k in final}
         with atomic_file(model_path) as tmp:
