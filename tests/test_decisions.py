@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import logging
 import math
 import os
 import re
@@ -17,8 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
+from conftest import git
 
-from flows import slots
+from flows import registry, slots
+from flows.runner import StageFailed
 from stages.data_report import (
     build_report,
     class_balance_rows,
@@ -641,3 +645,142 @@ def test_a_pool_hands_out_each_device_once_at_a_time() -> None:
         assert again["CUDA_VISIBLE_DEVICES"] in {"0", "1"}
     with slots.DevicePool([]).device() as none:
         assert none == {}
+
+
+# ------------------------------------------------------------------------------- registry
+REGISTRY_DVC_YAML = """\
+vars:
+  - paths:
+      metrics: metrics
+      production: production.yaml
+stages: {}
+artifacts:
+  cifar-cnn:
+    path: models/model.pt
+    type: model
+"""
+
+
+@pytest.fixture
+def registry_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A git repository with a model artifact; ``_run(repo, md5, acc)`` commits a run."""
+    for var in ("AUTHOR", "COMMITTER"):
+        monkeypatch.setenv(f"GIT_{var}_NAME", "convflow-test")
+        monkeypatch.setenv(f"GIT_{var}_EMAIL", "test@convflow.invalid")
+    repo = tmp_path / "repo"
+    (repo / "metrics").mkdir(parents=True)
+    (repo / "dvc.yaml").write_text(REGISTRY_DVC_YAML)
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "pipeline")
+    return repo
+
+
+def _run(repo: Path, md5: str, accuracy: float | str) -> str:
+    lock = {"schema": "2.0", "stages": {"train": {"outs": [{"path": "models/model.pt",
+                                                            "md5": md5}]}}}
+    (repo / "dvc.lock").write_text(yaml.safe_dump(lock))
+    (repo / "metrics" / "evaluate.json").write_text(
+        accuracy if isinstance(accuracy, str) else json.dumps({"test": {"accuracy": accuracy}}))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "--allow-empty", "-m", f"run {md5}")
+    return git(repo, "rev-parse", "HEAD").strip()
+
+
+def _tags(repo: Path) -> list[str]:
+    return git(repo, "tag", "-l").split()
+
+
+def test_a_version_is_registered_only_for_a_new_model(registry_repo: Path) -> None:
+    repo = registry_repo
+    first = _run(repo, "a" * 32, 0.8)
+    assert registry.model_hash(repo, first) == "a" * 32
+    assert registry.model_hash(repo, "HEAD~1") is None  # no dvc.lock there
+    assert registry.register_version(repo, "m") == "cifar-cnn@v0.0.1"
+    _run(repo, "a" * 32, 0.8)  # only the figures changed
+    assert registry.register_version(repo, "m") == "cifar-cnn@v0.0.1"
+    _run(repo, "b" * 32, 0.85)
+    assert registry.register_version(repo, "m") == "cifar-cnn@v0.0.2"
+    assert sorted(_tags(repo)) == ["cifar-cnn@v0.0.1", "cifar-cnn@v0.0.2"]
+
+
+def test_promote_sets_the_baseline_once(registry_repo: Path) -> None:
+    repo = registry_repo
+    assert registry.production(repo) is None
+    assert registry.refresh_baseline(repo) == {"version": None, "rev": None, "accuracy": None}
+    with pytest.raises(UserError, match="no registered version of 'cifar-cnn' to promote"):
+        registry.promote(repo)
+    rev = _run(repo, "a" * 32, 0.8)
+    registry.register_version(repo, "m")
+    _run(repo, "b" * 32, 0.9)
+    registry.register_version(repo, "m")
+    assert registry.promote(repo, "v0.0.1") == "cifar-cnn@v0.0.1"
+    assert registry.production(repo) == {"artifact": "cifar-cnn", "version": "v0.0.1",
+                                         "rev": rev}
+    baseline = yaml.safe_load((repo / "production.yaml").read_text())
+    assert baseline == {"version": "cifar-cnn@v0.0.1", "rev": rev, "accuracy": 0.8}
+    assert (repo / "production.yaml").read_text().startswith("# The model in production")
+    tags = _tags(repo)
+    assert registry.promote(repo, "v0.0.1") == "cifar-cnn@v0.0.1"
+    assert _tags(repo) == tags  # idempotent: no second stage tag
+    assert registry.promote(repo) == "cifar-cnn@v0.0.2"  # the latest by default
+    assert yaml.safe_load((repo / "production.yaml").read_text())["accuracy"] == 0.9
+    assert registry.promote(repo, "v0.0.1", stage="staging") == "cifar-cnn@v0.0.1"
+    assert registry.production(repo)["version"] == "v0.0.2"
+    assert registry.production(repo, "staging")["version"] == "v0.0.1"
+
+
+@pytest.mark.parametrize(("version", "shown"), [
+    ("1.0", "'1.0'"), ("v1.2", "'v1.2'"), ("v0.0.1x", "'v0.0.1x'"),
+    ("v" + "1" * 50, repr("v" + "1" * 39 + "...")),
+])
+def test_a_version_must_be_semver(registry_repo: Path, version: str, shown: str) -> None:
+    _run(registry_repo, "a" * 32, 0.8)
+    registry.register_version(registry_repo, "m")
+    with pytest.raises(UserError, match=re.escape(f"version {shown}: expected one like v0.0.3")):
+        registry.promote(registry_repo, version)
+    with pytest.raises(UserError, match="model registry: "):
+        registry.promote(registry_repo, "v9.9.9")
+
+
+def test_accuracy_is_read_from_the_runs_metrics(registry_repo: Path) -> None:
+    repo = registry_repo
+    assert registry.accuracy_at(repo, _run(repo, "a" * 32, 0.75)) == 0.75
+    assert registry.accuracy_at(repo, _run(repo, "a" * 32, "{not json")) is None
+    assert registry.accuracy_at(repo, _run(repo, "a" * 32, '{"test": {}}')) is None
+    assert registry.accuracy_at(repo, _run(repo, "a" * 32, '{"test": {"accuracy": "x"}}')) is None
+    assert registry.accuracy_at(repo, _run(repo, "a" * 32, "[]")) is None
+    assert registry.accuracy_at(repo, "HEAD~5") is None  # before any metrics
+
+
+def test_tags_are_pushed_to_origin_or_the_failure_is_retryable(registry_repo: Path,
+                                                                tmp_path: Path) -> None:
+    repo = registry_repo
+    _run(repo, "a" * 32, 0.8)
+    assert not registry.has_origin(repo)
+    registry.ship(repo, "m", "prod", push=True, flow_log=logging.getLogger("t"))  # no origin
+    assert registry.production(repo)["version"] == "v0.0.1"
+    git(tmp_path, "init", "-q", "--bare", "origin.git")
+    git(repo, "remote", "add", "origin", (tmp_path / "origin.git").as_uri())
+    assert registry.has_origin(repo)
+    git(repo, "tag", "other")
+    registry.push_tags(repo)
+    pushed = git(tmp_path / "origin.git", "tag", "-l").split()
+    assert "cifar-cnn@v0.0.1" in pushed and "other" not in pushed
+    assert any(t.startswith("cifar-cnn#prod#") for t in pushed)
+    git(repo, "remote", "set-url", "origin", (tmp_path / "gone.git").as_uri())
+    with pytest.raises(StageFailed) as info:
+        registry.push_tags(repo)
+    assert info.value.transient and "the registry tags of 'cifar-cnn' were not pushed to " \
+        "origin: " in str(info.value)
+
+
+def test_ship_registers_and_promotes_only_when_asked(registry_repo: Path) -> None:
+    repo = registry_repo
+    _run(repo, "a" * 32, 0.8)
+    log = logging.getLogger("t")
+    registry.ship(repo, "m", None, push=False, flow_log=log)
+    assert _tags(repo) == ["cifar-cnn@v0.0.1"] and registry.production(repo) is None
+    (repo / "dvc.yaml").write_text(REGISTRY_DVC_YAML.split("artifacts:")[0])
+    registry.ship(repo, "m", "prod", push=False, flow_log=log)  # nothing declared: no-op
+    assert _tags(repo) == ["cifar-cnn@v0.0.1"]
