@@ -94,6 +94,19 @@ def test_the_next_run_starts_from_the_last_results_and_reruns_only_what_changed(
     assert "Running stage 'score'" in dvc(third, "repro").stdout
     assert seed_from_results(third, "results/none-yet") == []  # a first run: nothing
 
+    # docs/team.md's one command that makes a result the team's baseline: a fast-forward
+    # of main, or nothing at all when main moved on since the run started
+    laptop, other = tmp_path / "laptop", tmp_path / "other"
+    for dest in (laptop, other):
+        git(tmp_path, "clone", "-q", origin.as_uri(), str(dest))
+    git(other, "commit", "-q", "--allow-empty", "-m", "main moves on")
+    git(other, "push", "-q", "origin", "main")
+    refused = run(["git", "push", "origin", f"origin/{BRANCH}:main"], cwd=laptop, check=False)
+    assert refused.returncode != 0 and "rejected" in refused.stderr, refused.stderr
+    git(other, "push", "-q", "--force", "origin", "HEAD~1:main")  # main back where it was
+    git(laptop, "push", "-q", "origin", f"origin/{BRANCH}:main")
+    assert git(origin, "rev-parse", "main") == git(origin, "rev-parse", BRANCH)
+
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"promote": "bad stage"}, "registry stage 'bad stage' is not a valid name"),
