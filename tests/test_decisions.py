@@ -12,6 +12,7 @@ import math
 import os
 import re
 import socket
+import subprocess
 import urllib.error
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 import yaml
 from conftest import git
 
-from flows import registry, slots
+from flows import publish, registry, results_branch, slots
 from flows.runner import StageFailed
 from stages.data_report import (
     build_report,
@@ -760,7 +761,7 @@ def test_tags_are_pushed_to_origin_or_the_failure_is_retryable(registry_repo: Pa
     assert not registry.has_origin(repo)
     registry.ship(repo, "m", "prod", push=True, flow_log=logging.getLogger("t"))  # no origin
     assert registry.production(repo)["version"] == "v0.0.1"
-    git(tmp_path, "init", "-q", "--bare", "origin.git")
+    git(tmp_path, "init", "-q", "--bare", "-b", "main", "origin.git")
     git(repo, "remote", "add", "origin", (tmp_path / "origin.git").as_uri())
     assert registry.has_origin(repo)
     git(repo, "tag", "other")
@@ -784,3 +785,142 @@ def test_ship_registers_and_promotes_only_when_asked(registry_repo: Path) -> Non
     (repo / "dvc.yaml").write_text(REGISTRY_DVC_YAML.split("artifacts:")[0])
     registry.ship(repo, "m", "prod", push=False, flow_log=log)  # nothing declared: no-op
     assert _tags(repo) == ["cifar-cnn@v0.0.1"]
+
+
+# ------------------------------------------------------------------------ stage retries
+@pytest.mark.parametrize(("stage", "status", "timed_out", "transient"), [
+    ("fetch", None, True, True),  # a stalled download
+    ("ingest", None, True, True),
+    ("train", None, True, False),  # a stalled training repeats itself
+    ("train", 75, False, True),  # the stage said: worth a retry
+    ("fetch", 2, False, False),  # a user error is never retried
+    ("fetch", -9, False, False),  # killed (the OOM killer)
+])
+def test_which_stage_failures_are_retried(stage: str, status: int | None, timed_out: bool,
+                                          transient: bool) -> None:
+    from flows.runner import DEFAULT_RETRY_STAGES, is_transient
+
+    assert set(DEFAULT_RETRY_STAGES) == {"fetch", "ingest"}
+    assert is_transient(stage, status, timed_out) is transient
+
+
+# ------------------------------------------------------------------- publishing results
+@pytest.fixture
+def results_repo(registry_repo: Path, tmp_path: Path) -> Path:
+    """``registry_repo`` with one run committed, a bare ``origin`` holding main, and a newer
+    metrics file in the workspace (the results to publish)."""
+    _run(registry_repo, "a" * 32, 0.8)
+    git(tmp_path, "init", "-q", "--bare", "-b", "main", "origin.git")
+    git(registry_repo, "remote", "add", "origin", (tmp_path / "origin.git").as_uri())
+    git(registry_repo, "push", "-q", "origin", "main")
+    (registry_repo / "metrics" / "evaluate.json").write_text('{"test": {"accuracy": 0.9}}')
+    return registry_repo
+
+
+def test_results_are_one_commit_on_the_branch_pushed_once(results_repo: Path,
+                                                          tmp_path: Path) -> None:
+    repo, start = results_repo, git(results_repo, "rev-parse", "HEAD").strip()
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    lock["stages"]["evaluate"] = {"outs": [{"path": "metrics/evaluate.json"}]}
+    (repo / "dvc.lock").write_text(yaml.safe_dump(lock))
+    (repo / "notes.txt").write_text("not a result")
+    assert results_branch.results_files(repo) == ["dvc.lock", "metrics/evaluate.json"]
+    commit = results_branch.publish_results(repo, "results", "results/nightly")
+    origin = tmp_path / "origin.git"
+    assert git(origin, "rev-parse", "results/nightly").strip() == commit
+    assert git(repo, "rev-parse", "HEAD").strip() == commit  # the branch is checked out
+    assert git(repo, "log", "-1", "--format=%P %s", commit).split() == [start, "results"]
+    assert "notes.txt" not in git(repo, "show", "--name-only", "--format=", commit)
+    assert results_branch.publish_results(repo, "again", "results/nightly") is None
+    (repo / "metrics" / "evaluate.json").write_text('{"test": {"accuracy": 0.95}}')
+    second = results_branch.publish_results(repo, "newer", "results/nightly")
+    assert git(repo, "log", "-1", "--format=%P", second).split() == [commit]
+
+
+def test_without_a_remote_results_are_committed_locally(results_repo: Path) -> None:
+    repo = results_repo
+    commit = results_branch.publish_results(repo, "local", remote=None,
+                                            files=["metrics/evaluate.json"])
+    assert git(repo, "rev-parse", "main").strip() == commit
+    assert results_branch.publish_results(repo, "local", remote="nowhere",
+                                          files=["metrics/evaluate.json"]) is None
+    git(repo, "checkout", "-q", "--detach")
+    with pytest.raises(results_branch.PublishError, match="HEAD is detached"):
+        results_branch.publish_results(repo, "x", remote=None)
+
+
+def test_a_push_is_retried_only_when_another_run_pushed_first(
+        results_repo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Fetching from ``origin`` but pushing to another repository with its own history makes
+    every push a non-fast-forward; a hook that declines the push is refused for good."""
+    repo = results_repo
+    other = tmp_path / "other.git"
+    git(tmp_path, "clone", "-q", "--bare", (tmp_path / "origin.git").as_uri(), str(other))
+    seed = tmp_path / "seed"
+    git(tmp_path, "clone", "-q", other.as_uri(), str(seed))
+    (seed / "x").write_text("elsewhere")
+    git(seed, "add", "x")
+    git(seed, "commit", "-qm", "another run")
+    git(seed, "push", "-q", "origin", "main")
+    git(repo, "remote", "set-url", "--push", "origin", other.as_uri())
+    caplog.set_level("WARNING", "convflow.publish")
+    with pytest.raises(results_branch.PublishError) as info:
+        results_branch.publish_results(repo, "r", "main", attempts=2,
+                                       files=["metrics/evaluate.json"])
+    assert "could not push the results commit to origin/main: rejected " in str(info.value)
+    assert [r.getMessage()[-5:] for r in caplog.records] == ["(1/2)", "(2/2)"]
+    caplog.clear()
+    hook = other / "hooks" / "pre-receive"
+    hook.write_text("#!/bin/sh\necho protected >&2\nexit 1\n")
+    hook.chmod(0o755)
+    declined = r"origin/results/x: rejected \[remote rejected\] \(pre-receive"
+    with pytest.raises(results_branch.PublishError, match=declined):
+        results_branch.publish_results(repo, "r", "results/x", files=["metrics/evaluate.json"])
+    assert caplog.records == []  # declined by the server: not retried
+
+
+@pytest.mark.parametrize(("porcelain", "rejected"), [
+    ("To o\n!\tabc:refs/heads/main\t[rejected] (fetch first)\nDone", True),
+    ("To o\n!\tabc:refs/heads/main\t[remote rejected] (pre-receive hook declined)", False),
+    ("To o\n=\tabc:refs/heads/main\t[up to date]\nDone", False),
+    ("", False),
+])
+def test_only_a_non_fast_forward_is_a_race(porcelain: str, rejected: bool) -> None:
+    assert results_branch._rejected(porcelain) is rejected
+
+
+def test_why_a_push_failed() -> None:
+    def proc(out: str, err: str, code: int = 1) -> subprocess.CompletedProcess:
+        return subprocess.CompletedProcess([], code, out, err)
+
+    assert results_branch._push_failure(proc("!\tc:r\t[rejected] (fetch first)\n", "")) == \
+        "rejected [rejected] (fetch first)"
+    assert results_branch._push_failure(proc("", "fatal: a\n\nfatal: no access \n")) == \
+        "fatal: no access"
+    assert results_branch._push_failure(proc("", "", 128)) == "git push exited with status 128"
+
+
+def test_a_deployment_runs_results_branch_and_message(registry_repo: Path) -> None:
+    assert results_branch.default_branch("nightly") == "results/nightly"
+    assert results_branch.default_branch(None) is None
+    start = git(registry_repo, "rev-parse", "HEAD").strip()
+    assert results_branch.run_message("pipeline", registry_repo, "brave-cat", 7, "nightly") == (
+        f"convflow: pipeline run brave-cat (7) from {start[:12]}\n\nFlow run: brave-cat (7)\n"
+        f"Started from: {start}\nDeployment: nightly")
+    assert results_branch.run_message("sweep", registry_repo, None, 8, None).splitlines() == [
+        f"convflow: sweep run manual (8) from {start[:12]}", "", "Flow run: manual (8)",
+        f"Started from: {start}"]
+
+
+@pytest.mark.parametrize(("output", "permanent"), [
+    ("ERROR: failed to push data to the cloud - 403 Forbidden", True),
+    ("ERROR: An error occurred (AccessDenied) when calling PutObject", True),
+    ("ERROR: no remote specified in the default section of the config", True),
+    ("ERROR: config file error: 'remote' is not a valid section", True),
+    ("ERROR: Unable to locate credentials", True),
+    ("ERROR: failed to transfer 'md5: 5f4036403' - Connection refused", False),
+    ("ERROR: unexpected error - 503 Service Unavailable", False),
+])
+def test_only_remote_errors_a_retry_cannot_fix_are_permanent(output: str,
+                                                             permanent: bool) -> None:
+    assert bool(publish._PERMANENT.search(output)) is permanent
