@@ -121,7 +121,9 @@ class SeaweedFS:
                 f"-volume.port.grpc={p['volume_grpc']}", f"-filer.port={p['filer']}",
                 f"-filer.port.grpc={p['filer_grpc']}", f"-s3.port={p['s3']}",
                 f"-s3.port.grpc={p['s3_grpc']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                f"-s3.config={self.config}", "-volume.max=4", "-master.volumeSizeLimitMB=64",
+                # each bucket is a collection with volumes of its own: room for a second
+                # bucket (docs/team.md's `aws s3 mb`) beside the fixtures' one
+                f"-s3.config={self.config}", "-volume.max=16", "-master.volumeSizeLimitMB=64",
                 f"-filer.localSocket={self.folder / 'filer.sock'}",
                 f"-s3.localSocket={self.folder / 's3.sock'}", "-metricsPort=0",
                 "-volume.preStopSeconds=0"]
