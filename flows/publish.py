@@ -59,8 +59,9 @@ def _run_logger() -> Any:
 
 
 def _dvc_out(root: Path, *args: str) -> str:
-    return subprocess.run(dvc_command(*args), cwd=root, env=dvc_env(), capture_output=True,
-                          text=True).stdout
+    proc = subprocess.run(dvc_command(*args), cwd=root, env=dvc_env(), capture_output=True,
+                          text=True)
+    return proc.stdout if proc.returncode == 0 else ""  # "No default remote set" is exit 1
 
 
 def describe_remote(root: Path, remote: str | None = None) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import git
+from conftest import dvc, git, init_and_commit
 
 from flows import publish, registry, results_branch, slots
 from flows.runner import StageFailed
@@ -924,3 +924,26 @@ def test_a_deployment_runs_results_branch_and_message(registry_repo: Path) -> No
 def test_only_remote_errors_a_retry_cannot_fix_are_permanent(output: str,
                                                              permanent: bool) -> None:
     assert bool(publish._PERMANENT.search(output)) is permanent
+
+
+def test_a_dvc_transfer_names_the_remote_and_whether_to_retry(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    init_and_commit(repo, "empty")
+    (repo / "data.txt").write_text("payload")
+    dvc(repo, "add", "-q", "data.txt")
+    assert publish.describe_remote(repo) == "(no default DVC remote)"
+    (tmp_path / "not-a-dir").write_text("")
+    dvc(repo, "remote", "add", "-d", "team", str(tmp_path / "not-a-dir" / "store"))
+    dvc(repo, "remote", "add", "spare", str(tmp_path / "spare"))
+    assert publish.describe_remote(repo).startswith("'team'")
+    assert publish.describe_remote(repo, "spare") == f"'spare' ({tmp_path / 'spare'})"
+    assert publish.describe_remote(repo, "gone") == "'gone'"
+    with pytest.raises(StageFailed) as info:
+        publish.dvc_push(repo, logger=logging.getLogger("t"))
+    assert not info.value.transient and info.value.stage == "dvc push"
+    assert "[DVC remote 'team'" in str(info.value)
+    assert str(info.value).endswith("; not retried: fix the remote or its settings]")
+    publish.dvc_push(repo, "spare", logger=logging.getLogger("t"))
+    assert len(list((tmp_path / "spare").rglob("*"))) > 1  # the object landed
+    publish.exp_push(repo, [])  # no experiments: nothing to do, no remote needed
