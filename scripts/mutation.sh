@@ -22,11 +22,12 @@ declare -A TESTS=(
   [stages/data_report.py]="tests/test_decisions.py"
   [stages/sources/safety.py]="tests/test_decisions.py tests/test_ingest_cifar10.py"
   [flows/publish.py]="tests/test_decisions.py"
+  [flows/results_branch.py]="tests/test_decisions.py"
   [flows/slots.py]="tests/test_decisions.py"
   [flows/registry.py]="tests/test_decisions.py"
 )
 ORDER=(stages/gate.py stages/params.py stages/data_report.py stages/sources/safety.py
-       flows/publish.py flows/slots.py flows/registry.py)
+       flows/publish.py flows/results_branch.py flows/slots.py flows/registry.py)
 MODULES=("${@:-${ORDER[@]}}")
 
 toml_list() { printf '"%s", ' "$@" | sed 's/, $//'; }
