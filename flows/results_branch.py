@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import subprocess
 import tempfile
@@ -181,11 +182,13 @@ def _push_failure(proc: subprocess.CompletedProcess) -> str:
 def _rejected(porcelain: str) -> bool:
     """Whether ``git push --porcelain`` says another push got there first.
 
-    Only ``[rejected]`` (not a fast-forward) is that race; ``[remote rejected]`` is the
-    server refusing the push (a pre-receive hook, a protected branch): no retry helps.
+    That is ``[rejected]`` (not a fast-forward), or the server finding the ref moved while
+    it updated it; any other ``[remote rejected]`` is the server refusing the push (a
+    pre-receive hook, a protected branch): no retry helps.
     """
-    return any(line.startswith("!\t") and "\t[rejected]" in line
-               for line in porcelain.splitlines())
+    race = re.compile(r"\t\[rejected\]|\t\[remote rejected\] \((failed to update ref|"
+                      r"cannot lock ref|incorrect old value)")
+    return any(line.startswith("!\t") and race.search(line) for line in porcelain.splitlines())
 
 
 def _set_branch(root: Path, branch: str, commit: str, current: str) -> None:
