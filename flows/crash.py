@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 from flows.runner import api_url
 
 #: The Prefect automation that marks a run CRASHED once its heartbeats stop.
@@ -9,6 +13,25 @@ CRASH_AUTOMATION = "convflow: crash flow runs whose heartbeats stopped"
 #: The tag of the runs it watches: those started by ``python -m flows``, which sets the
 #: heartbeat period the automation expects (runs started otherwise keep Prefect's 180 s).
 WATCHED_TAG = "convflow-watched"
+#: How long a successful check of the automation is trusted (``CONVFLOW_CRASH_CHECK_S``):
+#: every ``python -m flows`` command checks it, and a no-op run should not pay a round trip
+#: (and the automations import) for something that changes only when the period does.
+CHECK_TTL_S = 600.0
+
+
+def _checked_marker(url: str, within_s: float) -> tuple[Path, str]:
+    """The file recording the last successful check (in ``PREFECT_HOME``) and its key."""
+    from prefect.settings import get_current_settings
+
+    return Path(get_current_settings().home) / "convflow-crash-check", f"{url} {within_s}"
+
+
+def _recently_checked(marker: Path, key: str) -> bool:
+    ttl = float(os.environ.get("CONVFLOW_CRASH_CHECK_S", CHECK_TTL_S))
+    try:
+        return (marker.read_text() == key and time.time() - marker.stat().st_mtime < ttl)
+    except OSError:
+        return False
 
 
 def heartbeat_trigger(every_s: float) -> object:
@@ -41,16 +64,31 @@ def ensure_crash_detection() -> None:
     ``WATCHED_TAG`` whose next heartbeat (or end) does not come within two periods to
     CRASHED. So a run whose process was killed, or that lost the server, does not stay
     RUNNING: the server marks it as soon as it is up and the period has passed. Created
-    once per server, replaced if the period changed.
+    once per server, replaced if the period changed; checked at most every
+    ``CHECK_TTL_S`` seconds per server and ``PREFECT_HOME``.
     """
+    from prefect.settings import get_current_settings
+
+    every, url = get_current_settings().flows.heartbeat_frequency, api_url()
+    if not every or not url:
+        return  # heartbeats off, or a temporary server that ends with this process
+    marker, key = _checked_marker(url, 2 * max(every, 30) + 10)
+    if _recently_checked(marker, key):
+        return
+    _ensure(every)
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(key)
+    except OSError:
+        pass  # no cache: the next command checks again
+
+
+def _ensure(every: float) -> None:
+    """Create the automation, or replace one with another period."""
     from prefect.automations import Automation
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
-    from prefect.settings import get_current_settings
 
-    every = get_current_settings().flows.heartbeat_frequency
-    if not every or not api_url():
-        return  # heartbeats off, or a temporary server that ends with this process
     trigger = heartbeat_trigger(every)
     try:
         existing = Automation.read(name=CRASH_AUTOMATION)
