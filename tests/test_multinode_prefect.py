@@ -93,7 +93,7 @@ def test_a_multinode_run_trains_on_two_machines_and_publishes_once(team):
 
     laptop = clone(team.origin, team.folder / "laptop")
     branch = "origin/results/gpu-multinode"
-    log = git(laptop, "log", "--format=%s", f"main..{branch}").stdout.splitlines()
+    log = git(laptop, "log", "--format=%s", f"main..{branch}").splitlines()
     assert len(log) == 1, log  # one results commit
     git(laptop, "checkout", "-q", branch)
     dvc(laptop, "pull")  # the model trained on two machines comes from the store
