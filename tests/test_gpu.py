@@ -80,3 +80,28 @@ def test_two_process_nccl_ddp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     metrics = _train(tmp_path, monkeypatch, nproc=2, compile="off")
     assert metrics["val"]["acc"] > 0.5
     assert load_model(tmp_path / "models/model.pt")[1]["nproc"] == 2
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices for NCCL DDP")
+def test_torchrun_two_process_nccl_equals_the_stage_spawning_them(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch
+                                                                  ) -> None:
+    """The launcher contract on GPUs: torchrun (c10d, NCCL) trains as train.nproc: 2 does."""
+    import subprocess
+    import sys
+
+    from conftest import PROJECT, subprocess_env
+
+    spawned = _train(tmp_path / "spawned", monkeypatch, nproc=2, compile="off")
+    folder = tmp_path / "torchrun"
+    write_processed(folder / "proc", n_train=1024, n_val=256)
+    write_train_params(folder, device="cuda", epochs=3, batch_size=128, nproc=2, compile="off")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                           "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                           "127.0.0.1:0", "-m", "stages.train", *ARGS], cwd=folder,
+                          env={**subprocess_env(), "PYTHONPATH": str(PROJECT)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = load_model(folder / "models/model.pt")[1]
+    assert meta["nproc"] == 2 and meta["device"] == "cuda"
+    assert abs(meta["metrics"]["val/acc"] - spawned["val"]["acc"]) < 0.05
