@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_reference import _cpu_seconds, reference  # noqa: E402
 from benchmarks.machine import ISA_ENV, machine_record, reexec_under  # noqa: E402
 from stages.device import Settings, keep_freed_memory  # noqa: E402
 from stages.errors import setup_logging  # noqa: E402
@@ -78,60 +78,6 @@ def load_data(archive: Path) -> tuple[np.ndarray, ...]:
 def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
     xf = x.reshape(len(x), 3, -1).astype(np.float64) / 255
     return xf.mean(axis=(0, 2)).tolist(), xf.std(axis=(0, 2)).tolist()
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process and its finished children (DDP workers): the work done,
-    which a busy machine's other processes do not inflate the way they inflate wall time."""
-    import resource
-
-    own, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF,
-                                                  resource.RUSAGE_CHILDREN))
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-# ------------------------------------------------------------------------------- reference
-def tutorial_net() -> torch.nn.Sequential:
-    """The tutorial's network as it writes it: conv, ReLU, ``nn.MaxPool2d`` in that order
-    (the stage's ``SeedNet`` pools before the ReLU: the same function, less work)."""
-    from torch import nn
-
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.BatchNorm2d(16), nn.Flatten(),
-        nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
-
-
-def reference(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-              test_y: np.ndarray, budget: float) -> dict[str, float]:
-    """The tutorial's loop: float32 tensors, DataLoader batch 64, Adam 1e-3, until the budget."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    torch.manual_seed(0)
-    x = torch.tensor(train_x, dtype=torch.float32) / 255.0
-    y = torch.tensor(train_y, dtype=torch.long)
-    loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
-    net = tutorial_net()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    seen, t0, c0 = 0, time.perf_counter(), _cpu_seconds()
-    done = False
-    while not done:
-        for xb, yb in loader:
-            loss = F.cross_entropy(net(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            seen += len(xb)
-            if time.perf_counter() - t0 >= budget:
-                done = True
-                break
-    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-    net.eval()
-    with torch.no_grad():
-        xt = torch.tensor(test_x, dtype=torch.float32) / 255.0
-        pred = torch.cat([net(xt[i:i + 1000]).argmax(1) for i in range(0, len(xt), 1000)])
-    return {"img_per_s": seen / seconds, "seconds": seconds, "img_per_cpu_s": seen / cpu,
-            "epochs": seen / len(x), "test_acc": float((pred.numpy() == test_y).mean())}
 
 
 # ------------------------------------------------------------------------------- ours
@@ -269,6 +215,8 @@ def main() -> None:
     results: dict[str, dict] = {"threads": {"n": args.threads},
                                 "machine": machine_record(args.isa)}
     if args.gpu:
+        from bench_train_gpu import gpu_mode
+
         results.update(gpu_mode(train_x, train_y, test_x, test_y))
     else:
         device = torch.device("cpu")
@@ -350,45 +298,6 @@ def add_speedup(results: dict) -> dict:
 def _fmt(r: dict) -> str:
     return "  ".join(f"{k} {v:,.4g}" if isinstance(v, float) else f"{k} {v}"
                      for k, v in r.items() if k != "recipe")
-
-
-# ------------------------------------------------------------------------------- GPU
-#: GPU recipes: the seed net at a large batch (speed), and airbench (accuracy).
-GPU_SEED = dict(model="seed_net", batch_size=2048, optimizer="adam", lr=0.01,
-                schedule="onecycle", augment_flip=True, augment_crop=2, precision="bf16",
-                channels_last="on", compile="on", log_every=1000)
-GPU_AIRBENCH = dict(model="airbench", batch_size=1024, optimizer="sgd", lr=0.2, momentum=0.85,
-                    weight_decay=5e-4, schedule="onecycle", label_smoothing=0.2,
-                    augment_flip=True, augment_crop=2, precision="bf16", channels_last="on",
-                    compile="on", log_every=1000)
-
-
-def gpu_mode(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray
-             ) -> dict[str, dict]:
-    """Seed-net seconds per 50k-image epoch, and airbench's time to its test accuracy."""
-    if not torch.cuda.is_available():
-        raise SystemExit("--gpu needs a CUDA device")
-    device = torch.device("cuda")
-    out = {"device": {"name": torch.cuda.get_device_name(0)}}
-    print("device:", out["device"]["name"])
-    # epoch 1 includes compilation; the per-epoch times after it are the steady state
-    mean, std = channel_stats(train_x)
-    data = Dataset(train_x, train_y, train_x[:0], train_y[:0], [str(i) for i in range(10)],
-                   mean, std)
-    for name, recipe, epochs in (("seed_net", GPU_SEED, 6), ("airbench", GPU_AIRBENCH, 10)):
-        p = TrainParams(**{**recipe, "epochs": epochs})
-        t0 = time.perf_counter()
-        result = fit(p, data, device)
-        total = time.perf_counter() - t0
-        times = result.epoch_seconds
-        xt = torch.from_numpy(test_x).to(device)
-        yt = torch.from_numpy(np.asarray(test_y, np.int64)).to(device)
-        _, acc = validate(result.model, xt, yt, result.settings)
-        out[name] = {"epochs": epochs, "epoch_times": times,
-                     "steady_epoch_s": float(np.median(times[1:])) if len(times) > 1 else None,
-                     "total_s_incl_compile": total, "test_acc": acc}
-        print(f"{name}: {_fmt({k: v for k, v in out[name].items() if k != 'epoch_times'})}")
-    return out
 
 
 if __name__ == "__main__":
