@@ -41,6 +41,7 @@ from stages.params import (
     Params,
     accepted_range,
     flatten,
+    load_yaml,
     parse_params,
     shorten,
 )
@@ -947,3 +948,46 @@ def test_a_dvc_transfer_names_the_remote_and_whether_to_retry(tmp_path: Path) ->
     publish.dvc_push(repo, "spare", logger=logging.getLogger("t"))
     assert len(list((tmp_path / "spare").rglob("*"))) > 1  # the object landed
     publish.exp_push(repo, [])  # no experiments: nothing to do, no remote needed
+
+
+@pytest.mark.parametrize(("raw", "line"), [
+    ({"train": {"batch_size": "ten"}}, "params.yaml: train.batch_size: Input should be a "
+                                       "valid integer, unable to parse string as an integer "
+                                       "(got 'ten')"),
+    ({"data": {"source": "npz"}}, "params.yaml: data: Value error, data.source 'npz' reads a "
+                                  "local file: set data.path to it"),  # no echo of the group
+])
+def test_a_type_error_says_what_it_got_and_no_range(raw: dict, line: str) -> None:
+    with pytest.raises(UserError) as info:
+        parse_params(raw)
+    assert str(info.value) == f"invalid parameters:\n  {line}"
+
+
+# ------------------------------------------------------------------------ params YAML
+def test_a_key_given_twice_is_an_error_naming_its_line() -> None:
+    with pytest.raises(UserError) as info:
+        load_yaml("train:\n  epochs: 1\n  lr: 2\n  epochs: 3\n", "p.yaml")
+    assert str(info.value) == ("p.yaml: invalid YAML at line 4, column 3: duplicate key "
+                               "'epochs'")
+    assert load_yaml("a: {x: 1, y: [1, 2]}\nb: 2\n", "p.yaml") == {"a": {"x": 1, "y": [1, 2]},
+                                                                 "b": 2}
+
+
+def test_aliases_expand_up_to_the_cap() -> None:
+    items = ", ".join(["1"] * 9_999)  # the list node counts as 1 + 9,999 values
+    assert len(load_yaml(f"a: &x [{items}]\nb: *x\n", "p.yaml")["b"]) == 9_999
+    with pytest.raises(UserError, match=r"p.yaml: invalid YAML at line 2, column 4: aliases "
+                                        r"expand to more than 10,000 values \(an alias bomb\?\)"):
+        load_yaml(f"a: &x [{items}, 1]\nb: *x\n", "p.yaml")
+    with pytest.raises(UserError, match="more than 10,000 values"):
+        load_yaml(f"a: &x [{', '.join(['1'] * 5_000)}]\nb: *x\nc: *x\n", "p.yaml")
+    assert load_yaml("a: &x {k: 1}\nb: *x\n", "p.yaml") == {"a": {"k": 1}, "b": {"k": 1}}
+
+
+def test_an_alias_inside_its_anchor_or_undefined_is_refused() -> None:
+    with pytest.raises(UserError) as info:
+        load_yaml("a: &x [1, *x]\n", "p.yaml")
+    assert str(info.value) == ("p.yaml: invalid YAML at line 1, column 11: alias *x inside its "
+                               "own anchor")
+    with pytest.raises(UserError, match="found undefined alias"):
+        load_yaml("a: *nope\n", "p.yaml")
