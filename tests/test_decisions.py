@@ -991,3 +991,14 @@ def test_an_alias_inside_its_anchor_or_undefined_is_refused() -> None:
                                "own anchor")
     with pytest.raises(UserError, match="found undefined alias"):
         load_yaml("a: *nope\n", "p.yaml")
+
+
+def test_a_yaml_error_is_one_line_with_its_place_when_known() -> None:
+    with pytest.raises(UserError) as info:
+        load_yaml("a: [1\n", "p.yaml")
+    assert str(info.value) == ("p.yaml: invalid YAML at line 2, column 1: expected ',' or ']', "
+                               "but got '<stream end>'")
+    with pytest.raises(UserError) as info:
+        load_yaml("a: \x00", "p.yaml")  # a reader error has no line
+    assert str(info.value) == ("p.yaml: invalid YAML: unacceptable character #x0000: special "
+                               'characters are not allowed in "<unicode string>", position 3')
