@@ -884,6 +884,10 @@ def test_a_push_is_retried_only_when_another_run_pushed_first(
     ("To o\n!\tabc:refs/heads/main\t[rejected] (fetch first)\nDone", True),
     ("To o\n!\tabc:refs/heads/main\t[remote rejected] (pre-receive hook declined)", False),
     ("To o\n=\tabc:refs/heads/main\t[up to date]\nDone", False),
+    ("!\tabc:refs/heads/main\t[remote rejected] (failed to update ref)", True),
+    ("!\tabc:refs/heads/main\t[remote rejected] (cannot lock ref 'refs/heads/main')", True),
+    ("!\tabc:refs/heads/main\t[remote rejected] (incorrect old value provided)", True),
+    ("remote: \t[rejected] by policy", False),  # only git's ref lines count
     ("", False),
 ])
 def test_only_a_non_fast_forward_is_a_race(porcelain: str, rejected: bool) -> None:
