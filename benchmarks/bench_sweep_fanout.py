@@ -98,7 +98,8 @@ def main() -> None:
     try:
         require_netns()
     except BaseException as exc:  # pytest.skip outside pytest: say why, exit 2
-        raise SystemExit(f"bench_sweep_fanout: error: {exc}") from None
+        print(f"bench_sweep_fanout: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         cluster = Cluster(Path(tmp), 2, stack)
         os.environ.update(PREFECT_API_URL=cluster.server.url,

@@ -215,6 +215,6 @@ def _fan_out(deployment: str, points: dict[str, dict[str, Any]],
     failed = [name for name, run in runs.items() if not run.state.is_completed()]
     if failed:
         raise StageFailed("sweep", f"{len(failed)} of {len(runs)} points failed: "
-                          f"{', '.join(failed)} (the others are pushed)", None, False,
+                          f"{', '.join(failed)} (the others completed)", None, False,
                           kind="step")
     return table

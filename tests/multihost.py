@@ -67,8 +67,13 @@ class Network:
         self.bridge = f"cfbr{self.octet}"
         self.host_ip = f"{SUBNET}.{self.octet}.1"
         self.namespaces: list[str] = []
-        sh("ip", "addr", "add", f"{self.host_ip}/24", "dev", self.bridge)
-        sh("ip", "link", "set", self.bridge, "up")
+        self.veths: list[str] = []
+        try:
+            sh("ip", "addr", "add", f"{self.host_ip}/24", "dev", self.bridge)
+            sh("ip", "link", "set", self.bridge, "up")
+        except RuntimeError:
+            self.close()
+            raise
 
     @staticmethod
     def _claim() -> int:
@@ -92,6 +97,7 @@ class Network:
         sh("ip", "netns", "add", ns)
         self.namespaces.append(ns)
         sh("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
+        self.veths.append(outside)
         sh("ip", "link", "set", outside, "master", self.bridge)
         sh("ip", "link", "set", outside, "up")
         sh("ip", "link", "set", inside, "netns", ns)
@@ -105,8 +111,8 @@ class Network:
         for ns in self.namespaces:
             sh("ip", "netns", "del", ns, check=False)
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
-        for index in range(len(self.namespaces)):
-            sh("ip", "link", "del", f"cf{self.octet}v{index}", check=False)
+        for veth in self.veths:  # gone with its peer's namespace unless it never got there
+            sh("ip", "link", "del", veth, check=False)
         sh("ip", "link", "del", self.bridge, check=False)
 
 

@@ -82,11 +82,16 @@ def explain(flow_run, cluster: Cluster) -> str:  # noqa: F811
 def sweep_table(parent_id) -> list[dict]:
     """The table artifact the parent run published."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
 
     with get_client(sync_client=True) as client:
         (art,) = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[parent_id])))
+            flow_run_id=ArtifactFilterFlowRunId(any_=[parent_id]),
+            key=ArtifactFilterKey(any_=["convflow-sweep"])))
     return json.loads(art.data)
 
 
@@ -112,21 +117,25 @@ def overlaps(rows: list[dict]) -> list[tuple[str, str]]:
 
 
 @pytest.mark.slow
-def test_a_four_point_sweep_spreads_over_both_hosts_and_reaches_the_laptop(team):
+def test_a_four_point_sweep_spreads_over_both_hosts_and_a_bad_point_fails_alone(team):
     from prefect.deployments import run_deployment
 
     lrs = [0.002, 0.005, 0.01, 0.02]
-    parent = run_deployment(SWEEP, parameters={"grid": {"train.lr": lrs}},
+    parent = run_deployment(SWEEP, parameters={"grid": {"train.lr": [*lrs, -1.0]}},
                             timeout=RUN_TIMEOUT_S, poll_interval=1)
-    assert parent.state.is_completed(), explain(parent, team.cluster)
-    rows = sweep_table(parent.id)
     names = [f"{parent.name}-{i}" for i in range(1, 5)]
+    bad = f"{parent.name}-5"  # lr -1: the params schema refuses it in its first stage
+    assert parent.state.is_failed(), explain(parent, team.cluster)
+    assert f"1 of 5 points failed: {bad} (the others completed)" in parent.state.message
+    table = sweep_table(parent.id)
+    assert [r["state"] for r in table if r["experiment"] == bad] == ["FAILED"]
+    rows = [r for r in table if r["experiment"] != bad]
     assert sorted(r["experiment"] for r in rows) == names
     assert {r["state"] for r in rows} == {"COMPLETED"}
     assert {r["machine"] for r in rows} == {"host-1", "host-2"}, rows  # each ran >= 1
     assert {r["device"] for r in rows} <= {"0", "1"}, rows
     assert not overlaps(rows), rows
-    assert [r["best"] for r in rows].count("★") == 1
+    assert [r["best"] for r in table].count("★") == 1
     best = max(rows, key=lambda r: r["metrics/evaluate.json:test.accuracy"])
     assert best["best"] == "★"
     for row in rows:
@@ -134,7 +143,7 @@ def test_a_four_point_sweep_spreads_over_both_hosts_and_reaches_the_laptop(team)
 
     laptop = clone(team.origin, team.folder / "laptop")
     listed = dvc(laptop, "exp", "list", "origin", "--names-only").stdout.split()
-    assert set(names) <= set(listed), listed
+    assert set(names) <= set(listed) and bad not in listed, listed
     dvc(laptop, "exp", "pull", "origin", *names)
     shown = json.loads(dvc(laptop, "exp", "show", "--json").stdout)
     exps = {rev.get("name"): rev["data"] for base in shown
