@@ -1006,3 +1006,27 @@ def test_a_yaml_error_is_one_line_with_its_place_when_known() -> None:
         load_yaml("a: \x00", "p.yaml")  # a reader error has no line
     assert str(info.value) == ("p.yaml: invalid YAML: unacceptable character #x0000: special "
                                'characters are not allowed in "<unicode string>", position 3')
+
+
+def test_every_slot_setting_is_checked_up_front(no_slot_env: pytest.MonkeyPatch) -> None:
+    for name in ("CONVFLOW_LEASE_S", "CONVFLOW_SLOT_WAIT_S", "CONVFLOW_SLOT_NOTICE_S"):
+        no_slot_env.setenv(name, "soon")
+        with pytest.raises(UserError, match=f"^{name}='soon'"):
+            slots.check_settings()
+        no_slot_env.delenv(name)
+    slots.check_settings()
+
+
+def test_without_device_variables_torch_counts_the_devices(
+        no_slot_env: pytest.MonkeyPatch) -> None:
+    no_slot_env.setattr(slots, "_torch_devices", lambda: 2)
+    assert slots.gpu_ids() == ["0", "1"]
+    no_slot_env.setenv("CONVFLOW_DEVICES", "5")
+    with slots.DevicePool().device() as env:
+        assert env == {"CUDA_VISIBLE_DEVICES": "5"}
+
+
+def test_no_duplicates_are_empty_index_arrays() -> None:
+    dups = find_duplicates(_raw([1, 2], [3]))
+    assert dups.within_train.dtype == dups.train_in_test.dtype == np.int64
+    assert dups.drop().tolist() == []
