@@ -6,7 +6,6 @@ Real git, DVC and GTO on a toy pipeline whose "model" is a small file (no traini
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
