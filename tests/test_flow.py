@@ -209,7 +209,8 @@ def test_prefect_yaml_deployments_are_valid_and_never_overlap():
     root = Path(__file__).resolve().parents[1]
     spec = PrefectYamlModel.model_validate(yaml.safe_load((root / "prefect.yaml").read_text()))
     deployments = {d.name: d for d in spec.deployments}
-    assert set(deployments) == {"gpu-nightly", "gpu-sweep"}
+    assert set(deployments) == {"gpu-nightly", "gpu-sweep", "gpu-sweep-point", "gpu-multinode",
+                                "gpu-multinode-node"}
     nightly = deployments["gpu-nightly"]
     assert nightly.concurrency_limit.limit == 1
     assert nightly.concurrency_limit.collision_strategy == "ENQUEUE"
@@ -219,6 +220,13 @@ def test_prefect_yaml_deployments_are_valid_and_never_overlap():
         flow_obj = load_flow_from_entrypoint(str(root / d.entrypoint))
         # every parameter the deployment sets is one the flow takes
         assert set(d.parameters) <= set(flow_obj.parameters.properties), d.name
+    # the deployments a parent submits exist under the names it submits them by
+    for parent, child in (("gpu-sweep", "gpu-sweep-point"), ("gpu-multinode",
+                                                            "gpu-multinode-node")):
+        target = deployments[parent].parameters.get("point_deployment") \
+            or deployments[parent].parameters["node_deployment"]
+        flow_obj = load_flow_from_entrypoint(str(root / deployments[child].entrypoint))
+        assert target == f"{flow_obj.name}/{child}", parent
 
 
 def test_cli_outside_a_checkout_is_one_clear_line(tmp_path: Path) -> None:
