@@ -672,6 +672,7 @@ def registry_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     repo = tmp_path / "repo"
     (repo / "metrics").mkdir(parents=True)
     (repo / "dvc.yaml").write_text(REGISTRY_DVC_YAML)
+    monkeypatch.chdir(tmp_path)  # the repository is always named, never found from here
     git(repo, "init", "-q", "-b", "main")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "pipeline")
@@ -773,19 +774,34 @@ def test_tags_are_pushed_to_origin_or_the_failure_is_retryable(registry_repo: Pa
     git(repo, "remote", "set-url", "origin", (tmp_path / "gone.git").as_uri())
     with pytest.raises(StageFailed) as info:
         registry.push_tags(repo)
-    assert info.value.transient and "the registry tags of 'cifar-cnn' were not pushed to " \
-        "origin: " in str(info.value)
+    failed = info.value
+    assert (failed.stage, failed.returncode, failed.transient, failed.kind) == (
+        "git push", 128, True, "step")
+    assert str(failed).endswith("the registry tags of 'cifar-cnn' were not pushed to origin: "
+                                "and the repository exists.")  # git's last line
 
 
-def test_ship_registers_and_promotes_only_when_asked(registry_repo: Path) -> None:
+def test_ship_registers_and_promotes_only_when_asked(registry_repo: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
     repo = registry_repo
     _run(repo, "a" * 32, 0.8)
     log = logging.getLogger("t")
-    registry.ship(repo, "m", None, push=False, flow_log=log)
+    caplog.set_level("INFO", "t")
+    registry.ship(repo, "run 7 passed", None, push=False, flow_log=log)
     assert _tags(repo) == ["cifar-cnn@v0.0.1"] and registry.production(repo) is None
+    assert git(repo, "tag", "-l", "--format=%(contents:subject)", "cifar-cnn@v0.0.1").strip() \
+        == "run 7 passed"
+    _run(repo, "b" * 32, 0.9)
+    registry.ship(repo, "m", "staging", push=False, flow_log=log)
+    assert registry.production(repo, "staging")["version"] == "v0.0.2"
+    assert registry.production(repo) is None
+    assert [r.getMessage() for r in caplog.records if r.name == "t"] == [
+        "registered cifar-cnn@v0.0.1", "registered cifar-cnn@v0.0.2",
+        "cifar-cnn@v0.0.2 is now in stage 'staging'"]
     (repo / "dvc.yaml").write_text(REGISTRY_DVC_YAML.split("artifacts:")[0])
+    tags = _tags(repo)
     registry.ship(repo, "m", "prod", push=False, flow_log=log)  # nothing declared: no-op
-    assert _tags(repo) == ["cifar-cnn@v0.0.1"]
+    assert _tags(repo) == tags
 
 
 # ------------------------------------------------------------------------ stage retries
