@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import http.server
 import json
 import logging
 import math
@@ -13,7 +14,9 @@ import os
 import re
 import socket
 import subprocess
+import threading
 import urllib.error
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -494,7 +497,9 @@ def test_only_regular_files_are_read_up_to_the_cap(tmp_path: Path,
         sock.bind(str(tmp_path / "sock"))
         for path, kind in (("fifo", "a FIFO"), ("/dev/null", "a device"), (".", "a folder"),
                            ("sock", "a socket")):
-            with pytest.raises(UserError, match=rf": {kind}, not a regular file; only "):
+            with pytest.raises(UserError, match=rf"^{tmp_path / path}: {kind}, not a regular "
+                                                rf"file; only regular image files are read "
+                                                rf"\(replace it with the file itself\)$"):
                 safety.read_regular_file(tmp_path / path)
 
 
@@ -1046,3 +1051,68 @@ def test_no_duplicates_are_empty_index_arrays() -> None:
     dups = find_duplicates(_raw([1, 2], [3]))
     assert dups.within_train.dtype == dups.train_in_test.dtype == np.int64
     assert dups.drop().tolist() == []
+
+
+class _Web(http.server.BaseHTTPRequestHandler):
+    """/redirect-ftp, /redirect-ok, /big (a length over any small cap), /endless (no length),
+    /small (3 bytes)."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.path.startswith("/redirect-"):
+            target = ("ftp://127.0.0.1/c.tar.gz" if self.path == "/redirect-ftp" else
+                      f"http://127.0.0.1:{self.server.server_port}/small")
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.end_headers()
+            return
+        body = {"/big": b"x" * 4096, "/endless": b"y" * 4096, "/small": b"abc"}[self.path]
+        self.send_response(200)
+        if self.path != "/endless":
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def web(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    monkeypatch.setenv("no_proxy", "*")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Web)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_download_past_its_cap_is_refused_and_leaves_nothing(
+        web: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVFLOW_MAX_DOWNLOAD_MB", str(1024 / (1 << 20)))  # 1,024 bytes
+    for path in ("/big", "/endless"):  # announced too long, or found too long while read
+        with pytest.raises(UserError) as info:
+            safety.download(web + path, tmp_path / "dl" / "c.tar.gz", "0" * 64)
+        assert str(info.value) == (
+            f"{web}{path}: the server sends more than 1,024 bytes; if the file really is "
+            "larger, raise CONVFLOW_MAX_DOWNLOAD_MB; refused, nothing was kept. Check data.url")
+        assert list((tmp_path / "dl").iterdir()) == []
+    monkeypatch.setattr(safety, "CIFAR10_ARCHIVE_BYTES", 1024)
+    with pytest.raises(UserError, match=r"more than 1,024 bytes \(the CIFAR-10 archive is "
+                                        r"1,024\); refused"):
+        safety.download(web + "/big", tmp_path / "dl" / "c.tar.gz", OFFICIAL_CIFAR10_SHA256)
+
+
+def test_a_download_of_exactly_the_cap_is_kept(web: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capfd: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CONVFLOW_MAX_DOWNLOAD_MB", str(3 / (1 << 20)))  # 3 bytes
+    sha = hashlib.sha256(b"abc").hexdigest()
+    dest = safety.download(web + "/redirect-ok", tmp_path / "c.tar.gz", sha)
+    assert dest.read_bytes() == b"abc"
+    assert "c.tar.gz: 100%" in capfd.readouterr().err  # the progress bar names the file
+    with pytest.raises(UserError) as info:
+        safety.download(web + "/redirect-ftp", tmp_path / "d.tar.gz", sha)
+    assert str(info.value) == (f"data.url: '{web}/redirect-ftp' redirects to "
+                               "'ftp://127.0.0.1/c.tar.gz', not an http(s) URL; refused")
