@@ -2,8 +2,9 @@
 
 Both on this machine's cores, so the comparison is honest about what it measures: the same
 training (the seed net, synthetic data) as one process (with one thread, and with every
-core's threads), and as two torchrun nodes in network namespaces (tests/multihost.py: own addresses on a test bridge,
-c10d rendezvous, gloo over the bridge), each with half the threads. Images/s is the
+core's threads), and as two torchrun nodes in network namespaces (tests/multihost.py: own
+addresses on a test bridge, c10d rendezvous, gloo over the bridge), each with half the
+threads. Images/s is the
 training split's images x epochs over the stage's own training seconds (rank 0's, rendezvous
 and start-up excluded); each setting runs ``--repeats`` times, alternating.
 
