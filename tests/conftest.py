@@ -139,3 +139,13 @@ def _torch_threads() -> None:
     except ImportError:  # pragma: no cover
         return
     torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``pytest -n N --dist loadgroup`` (pytest-xdist, as CI runs): the tests of a module
+    that share a module-scoped fixture (a team of servers, a trained model) run on one worker,
+    so it is built once; every other test goes to whichever worker is free."""
+    for item in items:
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if any(d.scope == "module" for fixtures in defs.values() for d in fixtures):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
