@@ -8,6 +8,7 @@ access to the DVC remote.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 from pathlib import Path
@@ -63,17 +64,37 @@ def fetch_model(repo: str | Path, stage: str = PROD, out: str | Path | None = No
     dest = Path(out) if out else Path(tempfile.mkdtemp(prefix="convflow-model-")) / "model.pt"
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
+    digest = hashlib.md5(usedforsecurity=False)  # DVC's own content hash
     try:
         with dvc.api.open(found["path"], repo=str(repo), rev=found["rev"], mode="rb") as src, \
                 open(tmp, "wb") as dst:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
+                digest.update(chunk)
+        expected = locked_md5(repo, found["path"], found["rev"])
     except (DvcException, FileNotFoundError) as exc:
         tmp.unlink(missing_ok=True)
         raise UserError(
             f"the model of {name}#{stage} ({found['path']} at {found['rev'][:7]}) is in "
             "neither the DVC cache nor the DVC remote: `dvc push` it from the clone that "
             f"trained it ({_one_line(exc)})") from None
+    if expected is not None and digest.hexdigest() != expected:
+        tmp.unlink()
+        raise UserError(f"the model of {name}#{stage} ({found['path']} at {found['rev'][:7]}) "
+                        f"does not match its md5 in dvc.lock ({expected}): a corrupted object "
+                        "in the DVC cache or remote; nothing was written")
     tmp.replace(dest)
     log.info("%s model %s@%s -> %s", stage, name, found["rev"][:7], dest)
     return dest
+
+
+def locked_md5(repo: str | Path, path: str, rev: str) -> str | None:
+    """The md5 that ``dvc.lock`` at ``rev`` records for the output ``path`` (None: not there)."""
+    import dvc.api
+
+    lock = yaml.safe_load(dvc.api.read("dvc.lock", repo=str(repo), rev=rev)) or {}
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            if out.get("path") == path:
+                return out.get("md5")
+    return None

@@ -131,3 +131,12 @@ def test_a_fresh_clones_predict_names_what_is_missing_in_one_line(repo, tmp_path
     assert code == 2 and "Traceback" not in err, err
     assert "is in neither the DVC cache nor the DVC remote" in err and "dvc push" in err
     assert len(err.strip().splitlines()) == 1, err
+
+    dvc(repo, "push")                                     # pushed, then corrupted in the remote
+    objects = [p for p in (tmp_path / "dvc-store").rglob("*") if p.is_file()]
+    (model,) = [p for p in objects if p.read_bytes().startswith(b"weights")]
+    model.write_bytes(b"weights 9")
+    code, err = predict_prod(laptop)
+    assert code == 2 and "Traceback" not in err, err
+    assert "does not match its md5 in dvc.lock" in err and "corrupted object" in err, err
+    assert not list((laptop / ".dvc/tmp/registry").rglob("model.pt"))  # nothing written
