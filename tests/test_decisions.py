@@ -1116,3 +1116,8 @@ def test_a_download_of_exactly_the_cap_is_kept(web: str, tmp_path: Path,
         safety.download(web + "/redirect-ftp", tmp_path / "d.tar.gz", sha)
     assert str(info.value) == (f"data.url: '{web}/redirect-ftp' redirects to "
                                "'ftp://127.0.0.1/c.tar.gz', not an http(s) URL; refused")
+
+
+def test_one_device_pool_per_process_and_utc_clock_times() -> None:
+    assert slots.device_pool() is slots.device_pool()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", slots._clock())
