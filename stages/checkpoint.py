@@ -67,7 +67,10 @@ class LiveLog:
         self.live.step = int(record["epoch"])
         for name in SERIES:
             if name in record:
-                self.live.log_metric(name, record[name])
+                value = record[name]
+                # 6 significant digits: lr's full float repr (~22 digits) is noise in the
+                # summary's git diff and widens `dvc metrics show`'s lr column
+                self.live.log_metric(name, float(f"{value:.6g}") if name == "lr" else value)
 
     def finish(self, history: History) -> None:
         """Write the per-iteration loss history and the final summary."""

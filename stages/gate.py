@@ -1,8 +1,9 @@
 """Stage ``gate``: the quality verdict on the evaluated model, written as a metrics file.
 
-The verdict is data, not a failure: ``dvc repro`` always completes and ``dvc metrics show``
-prints it; the Prefect flow reads it and refuses to push, commit, register or promote a
-model that failed. Two checks on ``test.accuracy`` (from evaluate's metrics):
+The verdict is data, not a failure: ``dvc repro`` always completes, ``dvc metrics show``
+prints its headline (passed, drop) and ``gate.json`` holds all of it with the reason; the
+Prefect flow reads that file and refuses to push, commit, register or promote a model that
+failed. Two checks on ``test.accuracy`` (from evaluate's metrics):
 
 * ``gate.min_accuracy``: an absolute floor;
 * ``gate.max_drop``: the largest drop allowed below the model in production, read from the
@@ -124,12 +125,22 @@ def verdict(accuracy: float, p: GateParams, baseline: dict[str, Any], *,
     }
 
 
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    """The verdict's numbers for ``dvc metrics show``: passed and the drop below production.
+
+    The whole verdict (its long reason, the thresholds) stays in the verdict file, which the
+    flow reads: as a metrics file it would widen DVC's one table past a terminal.
+    """
+    return {"passed": result["passed"], "drop": result["drop"]}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: read evaluate's metrics and the production baseline; write the verdict."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--metrics", required=True, help="evaluate's metrics file (evaluate.json)")
     ap.add_argument("--production", required=True, help="production baseline (production.yaml)")
     ap.add_argument("--out", required=True, help="verdict file to write (gate.json)")
+    ap.add_argument("--headline", help="its headline metrics file to write (verdict.json)")
     args = ap.parse_args(argv)
     p = load_params().gate
     metrics = read_json(args.metrics)
@@ -141,8 +152,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError(f"{args.metrics}: no {METRIC} number; re-run evaluate") from None
     result = verdict(float(accuracy), p, read_baseline(args.production),
                      metrics_file=args.metrics, baseline_file=args.production)
-    with atomic_file(args.out) as tmp:
-        write_json(tmp, result)
+    for path, obj in ((args.out, result), (args.headline, headline(result))):
+        if path:
+            with atomic_file(path) as tmp:
+                write_json(tmp, obj)
     if result["passed"]:
         log.info("passed: %s", result["reason"])
     else:

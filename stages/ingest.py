@@ -22,6 +22,7 @@ from stages.data_report import (
     class_balance_rows,
     drop_train,
     find_duplicates,
+    headline,
     sha256_path,
     write_report,
 )
@@ -91,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command line: ``python -m stages.ingest --out data/raw``."""
     parser = argparse.ArgumentParser(prog="python -m stages.ingest", description=__doc__)
     parser.add_argument("--out", required=True, type=Path, help="output folder (data/raw)")
-    parser.add_argument("--report", type=Path, help="data report, a metrics file (JSON)")
+    parser.add_argument("--report", type=Path, help="full data report (JSON)")
+    parser.add_argument("--headline", type=Path, help="its headline numbers, a metrics file")
     parser.add_argument("--balance", type=Path, help="class-balance plot data (JSON)")
     args = parser.parse_args(argv)
     p = load_params().data
@@ -102,14 +104,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         validate_raw(data, p.path or p.source)
         data, dups, dropped = drop_duplicates(data, p.drop_duplicates, p.path or p.source)
         write_raw(args.out, data)
-        if args.report:
-            write_report(args.report, build_report(
-                data, dups, dropped, input_sha256(p), p.path if p.source != "synthetic" else None))
+        if args.report or args.headline:  # hashing the input reads all of it: only if asked
+            report = build_report(data, dups, dropped, input_sha256(p),
+                                  p.path if p.source != "synthetic" else None)
+            if args.report:
+                write_report(args.report, report)
+            if args.headline:
+                write_report(args.headline, headline(report))
         if args.balance:
             write_report(args.balance, class_balance_rows(data))
     except UserError:
         # an old output from other params must not pass for this run's result
-        for out in (args.out, args.report, args.balance):
+        for out in (args.out, args.report, args.headline, args.balance):
             if out:
                 remove_output(out)
         raise

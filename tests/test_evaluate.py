@@ -155,11 +155,14 @@ def test_main_writes_small_committed_metrics_and_cached_rows(tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     ev.main(ARGV)
 
+    # the metrics file holds only the headline (`dvc metrics show` stays narrow)
     summary = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
-    assert set(summary["test"]) == {"accuracy", "loss", "macro_precision", "macro_recall",
-                                    "macro_f1", "accuracy_tta"}
-    assert summary["dataset"] == {"source": "synthetic", "n_test": 30, "n_classes": 3}
-    assert summary["device"] == "cpu" and summary["tta_flip"] is False
+    assert summary == {"test": {k: summary["test"][k] for k in ("accuracy", "loss",
+                                                                "accuracy_tta")}}
+    details = json.loads((tmp_path / "metrics" / "evaluate_details.json").read_text())
+    assert set(details["test"]) == {"macro_precision", "macro_recall", "macro_f1"}
+    assert details["dataset"] == {"source": "synthetic", "n_test": 30, "n_classes": 3}
+    assert details["device"] == "cpu" and details["tta_flip"] is False
     per_class = json.loads((tmp_path / "metrics" / "per_class.json").read_text())
     assert [r["class"] for r in per_class] == CLASSES
     assert set(per_class[0]) == {"class", "precision", "recall", "f1", "support"}

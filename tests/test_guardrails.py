@@ -58,11 +58,13 @@ def test_epoch_rows_read_dvclive_files(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_dvc_repro_shows_the_verdict_and_does_not_fail(tmp_path: Path) -> None:
-    """`dvc repro` alone: the gate writes its verdict as a metric; a miss is data, not an error."""
+    """`dvc repro` alone: the gate writes its verdict (a metric); a miss is data, not an error."""
     repo = make_pipeline_repo(tmp_path / "repo", {"gate": {"min_accuracy": 0.99}})
     dvc(repo, "repro")
     shown = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
-    gate = shown[""]["data"]["metrics/gate.json"]["data"]
+    # no production model: drop is null, which DVC leaves out of the table
+    assert shown[""]["data"]["metrics/verdict.json"]["data"] == {"passed": False}
+    gate = json.loads((repo / "metrics" / "gate.json").read_text())
     assert gate["passed"] is False and "below gate.min_accuracy 0.9900" in gate["reason"]
     # a new production baseline re-runs only the gate
     (repo / "production.yaml").write_text(yaml.safe_dump(
@@ -72,3 +74,5 @@ def test_dvc_repro_shows_the_verdict_and_does_not_fail(tmp_path: Path) -> None:
     assert "Running stage 'gate'" in out and "Running stage 'train'" not in out
     gate = json.loads((repo / "metrics" / "gate.json").read_text())
     assert not gate["passed"] and "below production cifar-cnn@v9.9.9" in gate["reason"]
+    drop = json.loads((repo / "metrics" / "verdict.json").read_text())["drop"]
+    assert drop == gate["drop"] and drop > 0

@@ -152,12 +152,19 @@ def _predict_lines_match(output: str, shown: list[Shown]) -> None:
                             got), (want, got)
 
 
+def _fits_a_terminal(output: str, shown: list[Shown]) -> None:
+    """DVC prints one table of every key of every metrics file: only headlines, <= 200 columns."""
+    widest = max(output.splitlines(), key=len)
+    assert len(widest) <= 200, f"{len(widest)} columns:\n{output}"
+
+
 UP_TO_DATE = "Data and pipelines are up to date."
 STEPS = [
     # README: the quick start
     Step("dvc repro", expect=("Running stage 'ingest'", "Running stage 'plot'")),
     Step("dvc metrics show", expect=("metrics/evaluate.json", "test.accuracy",
-                                     "dvclive/train/metrics.json")),
+                                     "dvclive/train/metrics.json", "metrics/verdict.json"),
+         check=_fits_a_terminal),
     Step("ls reports/figures", expect=("loss_history.png", "confusion_matrix.png")),
     Step("dvc repro", expect=(UP_TO_DATE,)),
     Step("dvc repro normalize", expect=("didn't change",)),  # docs/data.md

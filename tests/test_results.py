@@ -59,8 +59,9 @@ def test_full_pipeline_reproduces_end_to_end(repo: tuple[Path, str]) -> None:
     assert ran_stages(out) == ["fetch", "ingest", "normalize", "train", "evaluate", "plot",
                               "gate"]
     summary = json.loads((root / "metrics/evaluate.json").read_text())
-    assert summary["dataset"] == {"source": "synthetic", "n_test": 200, "n_classes": 10}
-    assert summary["device"] == "cpu"
+    details = json.loads((root / "metrics/evaluate_details.json").read_text())
+    assert details["dataset"] == {"source": "synthetic", "n_test": 200, "n_classes": 10}
+    assert details["device"] == "cpu"
     rows = json.loads((root / "results/evaluate/predictions.json").read_text())
     assert len(rows) == 200  # the committed accuracy is the one of the per-image rows
     hits = sum(r["actual"] == r["predicted"] for r in rows)
@@ -68,8 +69,9 @@ def test_full_pipeline_reproduces_end_to_end(repo: tuple[Path, str]) -> None:
     assert {p.stem for p in (root / "reports/figures").glob("*.png")} == FIGURES
     # small results are committed to git; per-image rows and figures are DVC-cached
     tracked = set(git(root, "ls-files").split())
-    assert {"dvc.lock", "metrics/evaluate.json", "metrics/per_class.json",
-            "metrics/confusion.json"} <= tracked
+    assert {"dvc.lock", "metrics/evaluate.json", "metrics/evaluate_details.json",
+            "metrics/per_class.json", "metrics/confusion.json", "metrics/data_report.json",
+            "metrics/gate.json", "metrics/verdict.json"} <= tracked
     assert not any(p.startswith(("results/", "reports/", "models/", "data/")) for p in tracked)
     assert_clean(root)
 
@@ -92,7 +94,7 @@ def test_evaluate_param_reruns_evaluate_and_plot_only(repo: tuple[Path, str]) ->
     root, _ = repo
     write_params(root, {"evaluate": {"tta_flip": True}})
     assert ran_stages(dvc(root, "repro").stdout) == ["evaluate", "plot", "gate"]
-    assert json.loads((root / "metrics/evaluate.json").read_text())["tta_flip"] is True
+    assert json.loads((root / "metrics/evaluate_details.json").read_text())["tta_flip"] is True
     restore(root)
 
 

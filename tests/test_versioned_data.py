@@ -50,7 +50,7 @@ def _repro(repo: Path, *args: str) -> list[str]:
 
 
 def _report(repo: Path) -> dict:
-    return json.loads((repo / "metrics" / "data.json").read_text())
+    return json.loads((repo / "metrics" / "data_report.json").read_text())
 
 
 def _touch_all(folder: Path) -> None:
@@ -99,12 +99,17 @@ def test_imagefolder_under_dvc_add_change_touch_and_new_class(tmp_path: Path) ->
     balance = json.loads((repo / "metrics" / "class_balance.json").read_text())
     assert balance[-1] == {"class": "owl", "train": 4, "test": 2}
 
-    # `dvc add` records the new version; `dvc metrics diff` shows what changed in the data
+    # `dvc add` records the new version; `dvc metrics diff` shows the headline change in
+    # the data, `git diff` of the committed report the class that came
     dvc(repo, "add", "data/images")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "an owl class")
     diff = json.loads(dvc(repo, "metrics", "diff", "HEAD~1", "--json").stdout)
-    assert diff["metrics/data.json"]["classes"] == {"old": 2, "new": 3, "diff": 1}
+    assert diff["metrics/data.json"] == {
+        "images.train": {"old": 12, "new": 16, "diff": 4},
+        "images.test": {"old": 6, "new": 8, "diff": 2}}
+    changed = git(repo, "diff", "HEAD~1", "--", "metrics/data_report.json")
+    assert '+      "owl": 4' in changed and '+  "classes": 3,' in changed
 
 
 def _npz(path: Path, seed: int = 0, n_train: int = 40, n_test: int = 20) -> None:
@@ -233,7 +238,7 @@ def test_sweep_with_a_relative_npz_path_outside_the_repo(prefect_api, tmp_path: 
         "data": {"source": "npz", "path": "../shared/d.npz"}, **FAST})
     rows = sweep({"train.seed": [1]}, root=str(repo), max_parallel=1, name_prefix="rel")
     assert [r["experiment"] for r in rows] == ["rel-1"]
-    assert rows[0]["metrics/data.json:images.train.total"] == 40
+    assert rows[0]["metrics/data.json:images.train"] == 40
     assert rows[0]["params.yaml:data.path"] == str((tmp_path / "shared" / "d.npz").resolve())
 
 
