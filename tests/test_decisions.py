@@ -843,10 +843,13 @@ def test_results_are_one_commit_on_the_branch_pushed_once(results_repo: Path,
                                                           tmp_path: Path) -> None:
     repo, start = results_repo, git(results_repo, "rev-parse", "HEAD").strip()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    lock["stages"]["evaluate"] = {"outs": [{"path": "metrics/evaluate.json"}]}
+    lock["stages"]["evaluate"] = {"params": {"params.yaml": {"evaluate.batch_size": 8}},
+                                  "outs": [{"path": "metrics/evaluate.json"}]}
     (repo / "dvc.lock").write_text(yaml.safe_dump(lock))
+    (repo / "params.yaml").write_text("evaluate:\n  batch_size: 8\n")
     (repo / "notes.txt").write_text("not a result")
-    assert results_branch.results_files(repo) == ["dvc.lock", "metrics/evaluate.json"]
+    assert results_branch.results_files(repo) == ["dvc.lock", "metrics/evaluate.json",
+                                                  "params.yaml"]
     commit = results_branch.publish_results(repo, "results", "results/nightly")
     origin = tmp_path / "origin.git"
     assert git(origin, "rev-parse", "results/nightly").strip() == commit
