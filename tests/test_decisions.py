@@ -850,6 +850,17 @@ def test_results_are_one_commit_on_the_branch_pushed_once(results_repo: Path,
     (repo / "notes.txt").write_text("not a result")
     assert results_branch.results_files(repo) == ["dvc.lock", "metrics/evaluate.json",
                                                   "params.yaml"]
+    lock["stages"]["plot"] = {"outs": [{"path": "reports/figures/"}]}
+    (repo / "dvc.lock").write_text(yaml.safe_dump(lock))
+    (repo / "reports" / "figures" / "new").mkdir(parents=True)
+    (repo / "reports" / "figures" / "new" / "a.png").write_bytes(b"png")
+    (repo / "reports" / ".gitignore").write_text("/cached\n")
+    assert results_branch.results_files(repo) == [
+        "dvc.lock", "metrics/evaluate.json", "params.yaml", "reports/.gitignore",
+        "reports/figures/new/a.png"]
+    (repo / "dvc.lock").write_text(yaml.safe_dump({**lock, "stages": {
+        k: v for k, v in lock["stages"].items() if k != "plot"}}))
+    (repo / "reports" / "figures" / "new" / "a.png").unlink()
     commit = results_branch.publish_results(repo, "results", "results/nightly")
     origin = tmp_path / "origin.git"
     assert git(origin, "rev-parse", "results/nightly").strip() == commit
@@ -924,8 +935,11 @@ def test_why_a_push_failed() -> None:
 
     assert results_branch._push_failure(proc("!\tc:r\t[rejected] (fetch first)\n", "")) == \
         "rejected [rejected] (fetch first)"
-    assert results_branch._push_failure(proc("", "fatal: a\n\nfatal: no access \n")) == \
-        "fatal: no access"
+    assert results_branch._push_failure(proc("", "fatal: a\n\nfatal: b\nfatal: no access \n")) \
+        == "fatal: no access"
+    error = results_branch.PublishError("why")
+    assert (error.stage, error.returncode, error.transient, error.kind) == (
+        "git push", None, False, "step")
     assert results_branch._push_failure(proc("", "", 128)) == "git push exited with status 128"
 
 
