@@ -1138,3 +1138,27 @@ def test_a_download_of_exactly_the_cap_is_kept(web: str, tmp_path: Path,
 def test_one_device_pool_per_process_and_utc_clock_times() -> None:
     assert slots.device_pool() is slots.device_pool()
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", slots._clock())
+
+
+def test_ship_pushes_its_tags_and_the_baseline_is_rewritten_only_on_change(
+        registry_repo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    repo = registry_repo
+    caplog.set_level("INFO", "convflow.registry")
+    plain = tmp_path / "plain"  # not a git repository: its registry cannot be read
+    plain.mkdir()
+    (plain / "dvc.yaml").write_text(REGISTRY_DVC_YAML)
+    assert registry.refresh_baseline(plain) is None and not (plain / "production.yaml").exists()
+    assert caplog.records[-1].getMessage().startswith("model registry not readable (")
+    assert caplog.records[-1].getMessage().endswith("): keeping production.yaml")
+    _run(repo, "a" * 32, 0.8)
+    git(tmp_path, "init", "-q", "--bare", "-b", "main", "origin.git")
+    git(repo, "remote", "add", "origin", (tmp_path / "origin.git").as_uri())
+    registry.ship(repo, "m", "prod", push=True, flow_log=logging.getLogger("t"))
+    pushed = git(tmp_path / "origin.git", "tag", "-l")
+    assert "cifar-cnn@v0.0.1" in pushed and "cifar-cnn#prod#" in pushed
+    caplog.clear()
+    (repo / "production.yaml").write_text("# edited by hand\n" + (repo / "production.yaml")
+                                          .read_text().split("\n", 3)[-1])
+    registry.refresh_baseline(repo)  # same values: the file is left as it is
+    assert (repo / "production.yaml").read_text().startswith("# edited by hand")
+    assert caplog.records == []
