@@ -1162,3 +1162,19 @@ def test_ship_pushes_its_tags_and_the_baseline_is_rewritten_only_on_change(
     registry.refresh_baseline(repo)  # same values: the file is left as it is
     assert (repo / "production.yaml").read_text().startswith("# edited by hand")
     assert caplog.records == []
+
+
+def test_load_params_names_the_file(tmp_path: Path) -> None:
+    from stages.params import load_params
+
+    path = tmp_path / "p.yaml"
+    with pytest.raises(UserError) as info:
+        load_params(path)
+    assert str(info.value) == (f"{path}: parameters file not found; run from the repository "
+                               "root or pass its path")
+    path.write_text("train:\n  batch_size: 0\n")
+    with pytest.raises(UserError, match=rf"^invalid parameters:\n  {re.escape(str(path))}: "
+                                        r"train.batch_size: "):
+        load_params(path)
+    path.write_text("train:\n  batch_size: 7\n")
+    assert load_params(path).train.batch_size == 7
