@@ -1178,3 +1178,19 @@ def test_load_params_names_the_file(tmp_path: Path) -> None:
         load_params(path)
     path.write_text("train:\n  batch_size: 7\n")
     assert load_params(path).train.batch_size == 7
+
+
+def test_nested_values_count_towards_the_alias_cap() -> None:
+    def aliased(anchor: str) -> str:
+        return f"a: &x {anchor}\nb: *x\n"
+
+    assert load_yaml(aliased(f"[[{', '.join(['1'] * 9_998)}]]"), "p.yaml")["b"][0][-1] == 1
+    with pytest.raises(UserError, match="more than 10,000 values"):
+        load_yaml(aliased(f"[[{', '.join(['1'] * 9_999)}]]"), "p.yaml")
+    pairs = ", ".join(f"k{i}: 1" for i in range(4_999))  # 1 + 2 x 4,999 values
+    assert len(load_yaml(aliased(f"{{{pairs}}}"), "p.yaml")["b"]) == 4_999
+    with pytest.raises(UserError, match="more than 10,000 values"):
+        load_yaml(aliased(f"{{{pairs}, k: 1}}"), "p.yaml")
+    long = "n" * 50
+    with pytest.raises(UserError, match=f"alias \\*{'n' * 39}… inside its own anchor"):
+        load_yaml(f"a: &{long} [*{long}]\n", "p.yaml")
