@@ -58,10 +58,18 @@ def _run_logger() -> Any:
         return log
 
 
-def _dvc_out(root: Path, *args: str) -> str:
-    proc = subprocess.run(dvc_command(*args), cwd=root, env=dvc_env(), capture_output=True,
-                          text=True)
-    return proc.stdout if proc.returncode == 0 else ""  # "No default remote set" is exit 1
+def _dvc_out(root: Path, *args: str, attempts: int = 2) -> str:
+    """The output of a read-only ``dvc`` command; "" where it fails ("No default remote set"
+    is exit 1). Another failure is tried once more: a message must not lose the remote's
+    URL to a passing hiccup of a busy machine."""
+    for _ in range(attempts):
+        proc = subprocess.run(dvc_command(*args), cwd=root, env=dvc_env(),
+                              capture_output=True, text=True)
+        if proc.returncode == 0:
+            return proc.stdout
+        if "No default remote" in proc.stderr + proc.stdout:
+            break
+    return ""
 
 
 def describe_remote(root: Path, remote: str | None = None) -> str:

@@ -3,10 +3,16 @@ the pipeline and a touch does not; the data report counts classes, sizes and dup
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
 import shutil
+import socket
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +178,26 @@ def test_duplicate_leak_is_reported_and_dropped_on_request(tmp_path: Path) -> No
     assert len(kept) == 18
 
 
+@contextmanager
+def web(folder: Path) -> Iterator[str]:
+    """``folder`` served over http on loopback while the block runs; its base URL."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:  # bound, then closed: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow  # two repositories, the whole tiny pipeline twice
 def test_cifar10_archive_is_pulled_from_the_remote_and_runs_offline(tmp_path: Path) -> None:
     from cifar_format import random_batches, write_tar
@@ -182,10 +208,12 @@ def test_cifar10_archive_is_pulled_from_the_remote_and_runs_offline(tmp_path: Pa
     archive = write_tar(tmp_path / "web" / "cifar-10-python.tar.gz",
                         random_batches(50, 20, seed=3))
     remote = tmp_path / "remote"
-    repo = make_pipeline_repo(tmp_path / "repo", {"data": {
-        "source": "cifar10", "url": archive.as_uri(), "sha256": sha256_file(archive)}, **FAST})
-    dvc(repo, "remote", "add", "-d", "team", str(remote))
-    assert sorted(_repro(repo)) == sorted(ALL)
+    with web(tmp_path / "web") as url:  # the archive's website, on loopback
+        repo = make_pipeline_repo(tmp_path / "repo", {"data": {
+            "source": "cifar10", "url": f"{url}/{archive.name}",
+            "sha256": sha256_file(archive)}, **FAST})
+        dvc(repo, "remote", "add", "-d", "team", str(remote))
+        assert sorted(_repro(repo)) == sorted(ALL)
     assert (repo / "data" / "download" / "cifar-10-python.tar.gz").read_bytes() == \
         archive.read_bytes()
     assert _report(repo)["input"]["sha256"] == sha256_file(archive)
@@ -213,7 +241,7 @@ def test_fetch_without_the_internet_is_transient_and_names_dvc_pull(tmp_path: Pa
     write_params_file = tmp_path / "params.yaml"
     write_params_file.write_text(yaml.safe_dump({"data": {
         "source": "cifar10", "path": "data/download",
-        "url": (tmp_path / "gone.tar.gz").as_uri()}}))
+        "url": f"http://127.0.0.1:{_closed_port()}/gone.tar.gz"}}))
     proc = run([sys.executable, "-m", "stages.fetch", "--out", "data/download"], cwd=tmp_path,
                check=False, env={**subprocess_env(),
                                  "PYTHONPATH": str(Path(__file__).parents[1])})
