@@ -131,22 +131,11 @@ def publish_results(root: str | Path, message: str, branch: str | None = None,
     pushing = remote is not None and _has_remote(root, remote)
     last = ""
     for attempt in range(1, max(1, attempts) + 1):
-        if pushing:
-            tip = _remote_tip(root, remote, branch)
-        else:
-            tip = _git(root, "rev-parse", "-q", "--verify", f"refs/heads/{branch}",
-                       check=False).stdout.strip() or None
+        tip = _current_tip(root, remote if pushing else None, branch)
         if _git(root, "rev-parse", f"{tip or start}^{{tree}}").stdout.strip() == tree:
             log.info("results on '%s' are already these: nothing to commit", branch)
             return None
-        parents = [tip] if tip else []
-        if not tip or _git(root, "merge-base", "--is-ancestor", start, tip,
-                           check=False).returncode != 0:
-            if start not in parents:
-                parents.append(start)
-        args = [a for p in parents for a in ("-p", p)]
-        commit = _git(root, *_author_config(root), "commit-tree", tree, *args,
-                      "-m", message).stdout.strip()
+        commit = _commit(root, tree, tip, start, message)
         if not pushing:
             _set_branch(root, branch, commit, current)
             log.info("committed results %s on '%s' (no git remote '%s': not pushed)",
@@ -168,6 +157,26 @@ def publish_results(root: str | Path, message: str, branch: str | None = None,
     raise PublishError(
         f"could not push the results commit to {remote}/{branch}: {last.strip()}; nothing is "
         "lost: the outputs pushed to the DVC remote stay there; rerun to publish the results")
+
+
+def _current_tip(root: Path, remote: str | None, branch: str) -> str | None:
+    """The branch's tip: on ``remote`` when pushing there, else the local branch's."""
+    if remote is not None:
+        return _remote_tip(root, remote, branch)
+    return _git(root, "rev-parse", "-q", "--verify", f"refs/heads/{branch}",
+                check=False).stdout.strip() or None
+
+
+def _commit(root: Path, tree: str, tip: str | None, start: str, message: str) -> str:
+    """A commit of ``tree`` on ``tip``, also parented on ``start`` unless ``tip`` has it."""
+    parents = [tip] if tip else []
+    if not tip or _git(root, "merge-base", "--is-ancestor", start, tip,
+                       check=False).returncode != 0:
+        if start not in parents:
+            parents.append(start)
+    args = [a for p in parents for a in ("-p", p)]
+    return _git(root, *_author_config(root), "commit-tree", tree, *args,
+                "-m", message).stdout.strip()
 
 
 def _push_failure(proc: subprocess.CompletedProcess) -> str:
