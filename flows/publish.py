@@ -77,11 +77,23 @@ def describe_remote(root: Path, remote: str | None = None) -> str:
     name = remote or _dvc_out(root, "remote", "default").strip()
     if not name:
         return "(no default DVC remote)"
-    for line in _dvc_out(root, "remote", "list").splitlines():
-        parts = line.split()
-        if parts and parts[0] == name:
-            return f"'{name}' ({parts[1]})" if len(parts) > 1 else f"'{name}'"
-    return f"'{name}'"
+    url = _remote_url(root, name)
+    return f"'{name}' ({url})" if url else f"'{name}'"
+
+
+def _remote_url(root: Path, name: str) -> str | None:
+    """``remote.<name>.url`` as DVC's config files set it (the local file first), read as text:
+    a message about a failing remote must not depend on another dvc process."""
+    header = f"['remote \"{name}\"']"
+    for config in (root / ".dvc" / "config.local", root / ".dvc" / "config"):
+        section = None
+        for line in config.read_text(encoding="utf-8").splitlines() if config.is_file() else []:
+            line = line.strip()
+            if line.startswith("["):
+                section = line
+            elif section == header and line.partition("=")[0].strip() == "url":
+                return line.partition("=")[2].strip()
+    return None
 
 
 def _transfer(root: str | Path, step: str, args: list[str], remote: str | None,

@@ -144,8 +144,10 @@ def _torch_threads() -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under ``pytest -n N --dist loadgroup`` (pytest-xdist, as CI runs): the tests of a module
     that share a module-scoped fixture (a team of servers, a trained model) run on one worker,
-    so it is built once; every other test goes to whichever worker is free."""
+    so it is built once; every other test goes to whichever worker is free, slow ones first."""
     for item in items:
         defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
         if any(d.scope == "module" for fixtures in defs.values() for d in fixtures):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    # the longest first (slow ones, in file order), so no worker starts one at the end
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

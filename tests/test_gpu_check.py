@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import PROJECT, subprocess_env
 
 
+@pytest.mark.slow  # a real end-to-end run: over ~30 s on 2 cores
 def test_dry_run_runs_the_cpu_steps_and_skips_the_rest_with_a_reason(tmp_path: Path) -> None:
     out = tmp_path / "check.json"
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out",

@@ -32,6 +32,7 @@ TIMED_TRAIN = ("import time; t0 = time.time(); time.sleep(6); "
                "open('times.txt', 'w').write(f'{t0} {time.time()}')")
 
 
+@pytest.mark.slow  # a real end-to-end run: over ~30 s on 2 cores
 def test_training_stages_share_one_slot_never_overlap_and_free_it(prefect_api, tmp_path):
     slot = f"test-gpu-{uuid.uuid4().hex[:8]}"
     env = {**api_env(), "CONVFLOW_SLOT": slot, "CONVFLOW_SLOT_SIZE": "1",

@@ -212,6 +212,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.mark.slow  # a real end-to-end run: over ~30 s on 2 cores
 def test_predict_refuses_the_images_ingest_refuses_the_same_way(tmp_path: Path,
                                                                  model_dir: Path) -> None:
     (tmp_path / "big.png").write_bytes(_png((20_000, 20_000), "1"))

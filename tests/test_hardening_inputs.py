@@ -421,6 +421,7 @@ def test_class_names_cannot_forge_predict_output(tmp_path: Path, model_file: Pat
 
 
 # ------------------------------------------------------------------------ 9. full disk in train
+@pytest.mark.slow  # a real end-to-end run: over ~30 s on 2 cores
 def test_train_on_a_full_disk_is_one_line(tmp_path: Path) -> None:
     """The checkpoint write on a full disk: the same one line as every other output."""
     from train_data import write_processed, write_train_params

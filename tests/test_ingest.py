@@ -41,6 +41,7 @@ def _nearest_centroid_accuracy(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndar
     return float((pred == y_te).mean())
 
 
+@pytest.mark.slow  # a real end-to-end run: over ~30 s on 2 cores
 def test_mean_colour_does_not_give_the_class_away_but_a_cnn_learns_it() -> None:
     """The class is in the shape: mean colour is at chance, the seed net learns fast."""
     x_tr, y_tr = generate(2000, seed=0, split="train")

@@ -142,6 +142,7 @@ def test_imagefolder_archive_with_an_escaping_member(tmp_path: Path) -> None:
         load_imagefolder(str(archive))
 
 
+@pytest.mark.slow  # a real end-to-end run: over ~30 s on 2 cores
 @pytest.mark.realdata
 def test_imagefolder_on_the_real_cifar10_jpegs(cifar_jpeg: Path) -> None:
     data = load_imagefolder(str(cifar_jpeg))

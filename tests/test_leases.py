@@ -89,6 +89,7 @@ def _wait_free(name: str, within_s: float) -> float:
     return time.monotonic() - start
 
 
+@pytest.mark.slow  # a real end-to-end run: over ~30 s on 2 cores
 def test_a_training_stage_sees_only_its_leased_device(prefect_api, tmp_path) -> None:
     from flows.slots import device_limit
 
