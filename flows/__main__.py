@@ -313,30 +313,5 @@ def _print_sweep(grid: dict[str, list], rows: list[dict[str, Any]]) -> None:
     print("compare: dvc exp show; keep one: dvc exp apply <name>")
 
 
-def _exit_status(exc: SystemExit) -> int:
-    if exc.code is None or isinstance(exc.code, int):
-        return exc.code or 0
-    return 1  # a message: Python prints it and exits 1
-
-
-def run_and_leave() -> None:
-    """``main()``, then leave once every exit hook has run, without tearing down the heap.
-
-    Prefect drains its log and event workers in its exit hooks; after them the interpreter
-    only frees the objects of Prefect, DVC and pydantic, 0.3-2 s of C a finished command
-    does not need. Registered first, this hook runs last of them.
-    """
-    import atexit
-
-    status = [1]  # an uncaught exception: Python printed it; exit 1 as it would
-    atexit.register(lambda: (sys.stdout.flush(), sys.stderr.flush(), os._exit(status[0])))
-    try:
-        status[0] = main()
-    except SystemExit as exc:
-        status[0] = _exit_status(exc)
-        raise
-    sys.exit(status[0])
-
-
 if __name__ == "__main__":
-    run_and_leave()
+    sys.exit(main())
