@@ -18,13 +18,14 @@ JOBS=${MUTATION_JOBS:-2}
 # module -> the fast tests that decide its mutants (space-separated pytest ids)
 declare -A TESTS=(
   [stages/gate.py]="tests/test_decisions.py tests/test_guardrails.py"
-  [stages/params.py]="tests/test_decisions.py tests/test_params.py"
-  [stages/data_report.py]="tests/test_decisions.py"
-  [stages/sources/safety.py]="tests/test_decisions.py tests/test_ingest_cifar10.py"
-  [flows/publish.py]="tests/test_decisions.py"
-  [flows/results_branch.py]="tests/test_decisions.py"
-  [flows/slots.py]="tests/test_decisions.py"
-  [flows/registry.py]="tests/test_decisions.py"
+  [stages/params.py]="tests/test_decisions.py tests/test_decisions_stages.py tests/test_params.py"
+  [stages/data_report.py]="tests/test_decisions.py tests/test_decisions_stages.py"
+  [stages/sources/safety.py]="tests/test_decisions.py tests/test_decisions_stages.py
+                              tests/test_ingest_cifar10.py"
+  [flows/publish.py]="tests/test_decisions.py tests/test_decisions_flows.py"
+  [flows/results_branch.py]="tests/test_decisions.py tests/test_decisions_flows.py"
+  [flows/slots.py]="tests/test_decisions.py tests/test_decisions_slots.py"
+  [flows/registry.py]="tests/test_decisions.py tests/test_decisions_flows.py"
 )
 ORDER=(stages/gate.py stages/params.py stages/data_report.py stages/sources/safety.py
        flows/publish.py flows/results_branch.py flows/slots.py flows/registry.py)

@@ -1,0 +1,38 @@
+"""The decisions of stages/* that tests/test_decisions.py leaves open, at their edges: the
+mutants scripts/mutation.sh makes of the params bounds, the data report and the input caps
+must each fail one of these (fast, in-process) tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stages import data_report
+from stages.params import Params, _accepted, accepted_range
+
+
+# --------------------------------------------------------------------------------- params
+@pytest.mark.parametrize("loc", [("nosuch",), ("train", "nosuch"), ("nosuch", "epochs"),
+                                 ("train", "epochs", "deeper")])
+def test_a_path_that_is_no_numeric_field_has_no_range(loc: tuple[str, ...]) -> None:
+    assert accepted_range(loc) == ""
+
+
+def test_the_range_of_a_nested_field() -> None:
+    assert accepted_range(("data", "synthetic", "seed")).startswith("0 <= x <= ")
+    assert accepted_range(("normalize", "val_fraction")) == "0.0 <= x < 1.0"
+
+
+def test_keys_accepted_below_a_field_that_is_no_group_are_none() -> None:
+    assert _accepted(Params, ("train", "epochs", "x")) == []  # epochs is a number
+    assert _accepted(Params, ("nosuch", "x")) == []
+    assert _accepted(Params, ("data", "synthetic", "x")) == ["n_test", "n_train", "seed"]
+    assert "epochs" in _accepted(Params, ("train", "x"))
+
+
+# ---------------------------------------------------------------------------- data report
+def test_a_label_past_the_class_list_is_never_dropped_from_the_counts() -> None:
+    assert data_report._per_class(np.array([0, 1, 1]), ("a", "b")) == {"a": 1, "b": 2}
+    assert data_report._per_class(np.array([], np.int64), ("a", "b")) == {"a": 0, "b": 0}
+    with pytest.raises(ValueError):
+        data_report._per_class(np.array([0, 2]), ("a", "b"))
