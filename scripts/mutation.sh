@@ -41,7 +41,8 @@ for module in "${MODULES[@]}"; do
   git ls-files -co --exclude-standard -- stages flows tests pyproject.toml dvc.yaml params.yaml \
       production.yaml .gitignore .dvcignore | while read -r f; do [[ -f $f ]] && echo "$f"; done \
     | tar -cf - -T - | tar -xf - -C "$work"
-  # this run's settings replace pyproject's [tool.mutmut] (the defaults for a plain `mutmut run`)
+  # this run's settings replace pyproject's [tool.mutmut] (the defaults for a plain `mutmut run`);
+  # -n 0: no xdist workers (pyproject's addopts start them; mutmut's stats and workers need one process)
   python - "$work/pyproject.toml" "$module" ${TESTS[$module]} <<'PY'
 import json, re, sys
 path, module, *tests = sys.argv[1:]
@@ -49,7 +50,7 @@ text = open(path).read()
 text = re.sub(r"\n\[tool\.mutmut\].*?(?=\n\[|\Z)", "", text, flags=re.S)
 settings = {"source_paths": ["stages", "flows"], "only_mutate": [module],
             "pytest_add_cli_args_test_selection": tests,
-            "pytest_add_cli_args": ["-p", "no:cacheprovider", "-m", "not slow"],
+            "pytest_add_cli_args": ["-p", "no:cacheprovider", "-m", "not slow", "-n", "0"],
             "also_copy": ["dvc.yaml", "params.yaml", "production.yaml", ".gitignore", ".dvcignore"]}
 text += "\n[tool.mutmut]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
 open(path, "w").write(text)

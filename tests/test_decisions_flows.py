@@ -12,12 +12,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import gto.api
 import pytest
 import yaml
 from conftest import git
 
 from flows import publish, registry, results_branch
 from flows.runner import StageFailed
+from stages.errors import UserError
 
 
 class _Log:
@@ -43,7 +45,7 @@ vars:
 stages: {}
 artifacts:
   net-a:
-    path: models/model.pt
+    path: models/net-a.pt
     type: model
 """
 
@@ -58,7 +60,7 @@ def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "repo"
     (root / "metrics").mkdir(parents=True)
     (root / "dvc.yaml").write_text(_DVC_YAML)
-    lock = {"schema": "2.0", "stages": {"train": {"outs": [{"path": "models/model.pt",
+    lock = {"schema": "2.0", "stages": {"train": {"outs": [{"path": "models/net-a.pt",
                                                             "md5": "a" * 32}]}}}
     (root / "dvc.lock").write_text(yaml.safe_dump(lock))
     (root / "metrics" / "evaluate.json").write_text(json.dumps({"test": {"accuracy": 0.75}}))
@@ -90,12 +92,11 @@ def test_the_baseline_file_is_written_once_and_reads_version_first(repo: Path) -
 
 def test_an_unreadable_registry_keeps_the_baseline_and_says_why(repo: Path) -> None:
     (repo / "production.yaml").write_text("version: kept\n")
-    (repo / ".git" / "HEAD").write_text("garbage\n")  # no longer a git repository
+    (repo / "dvc.yaml").write_text(_DVC_YAML.split("artifacts:")[0])  # no model declared
     log = _Log()
     assert registry.refresh_baseline(repo, log) is None
-    (warning,) = log.warnings
-    assert warning.startswith("model registry not readable (")
-    assert warning.endswith("): keeping production.yaml")
+    assert log.warnings == ["model registry not readable (dvc.yaml: no model under "
+                            "'artifacts:' to register): keeping production.yaml"]
     assert (repo / "production.yaml").read_text() == "version: kept\n"
 
 
@@ -120,24 +121,42 @@ def test_a_failed_tag_push_names_the_artifact_and_gits_last_line(repo: Path) -> 
     assert failed.message.endswith(": " + pushed.stderr.strip().splitlines()[-1])
 
 
-def test_ship_registers_promotes_and_pushes_the_named_repository(repo: Path) -> None:
+def test_ship_registers_promotes_and_pushes_the_named_repository(
+        repo: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "convflow.registry")
     bare = _origin(repo)
     log = _Log()
     registry.ship(repo, "first model", "prod", True, log)
     assert log.infos[0] == "registered net-a@v0.0.1"
     assert log.infos[-1] == "net-a@v0.0.1 is now in stage 'prod'"
     assert registry.production(repo)["version"] == "v0.0.1"
+    assert caplog.messages[-1] == "production baseline is now net-a@v0.0.1 (test.accuracy 0.75)"
     assert git(repo, "tag", "-l", "--format=%(contents:subject)", "net-a@v0.0.1").strip() \
         == "first model"
     pushed = git(bare, "tag", "-l").split()
     assert "net-a@v0.0.1" in pushed and any(t.startswith("net-a#prod#") for t in pushed)
 
 
-def test_ship_without_a_stage_only_registers(repo: Path) -> None:
+def test_ship_without_push_keeps_the_tags_local(repo: Path) -> None:
+    bare = _origin(repo)
+    registry.ship(repo, "m", "prod", False, _Log())
+    assert registry.production(repo)["version"] == "v0.0.1"
+    assert git(bare, "tag", "-l") == ""
+
+
+def test_ship_without_a_stage_only_registers(repo: Path, monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "convflow.registry")
+    def ask_gto(*args: Any) -> None:
+        raise AssertionError("GTO asked for a stage no tag names")
+    monkeypatch.setattr(gto.api, "find_versions_in_stage", ask_gto)
     log = _Log()
     registry.ship(repo, "m", None, True, log)  # no origin: nothing pushed, no error
-    assert log.infos == ["registered net-a@v0.0.1"]
-    assert registry.production(repo) is None
+    assert registry.model_hash(repo, "HEAD") == "a" * 32
+    registry.ship(repo, "m", None, True, log)  # the same model: the same version
+    assert log.infos == ["registered net-a@v0.0.1"] * 2
+    assert caplog.messages == ["model unchanged since net-a@v0.0.1: no new version"]
+    assert registry.production(repo) is None  # from the tags alone (GTO's import is slow)
 
 
 # -------------------------------------------------------------------------------- publish
@@ -240,3 +259,42 @@ def test_a_failed_git_command_is_named_with_gits_error(tmp_path: Path) -> None:
         "git push", "step", None, False)
     again = pickle.loads(pickle.dumps(failed))  # Prefect may pickle a task's exception
     assert type(again) is results_branch.PublishError and again.message == failed.message
+
+
+def test_promote_names_what_is_missing_and_shows_a_long_version_cut(repo: Path) -> None:
+    with pytest.raises(UserError) as info:
+        registry.promote(repo)
+    assert str(info.value) == ("no registered version of 'net-a' to promote: a flow run that "
+                               "passes the gate with --commit registers one")
+    registry.register_version(repo, "m")
+    for version, shown in (("x" * 40, "x" * 40), ("x" * 41, "x" * 40 + "...")):
+        with pytest.raises(UserError, match=f"^version '{shown}': expected one like v0.0.3$"):
+            registry.promote(repo, version)
+
+
+def test_promote_tags_the_stage_and_pushes_only_when_asked(repo: Path) -> None:
+    bare = _origin(repo)
+    registry.register_version(repo, "m")
+    assert registry.promote(repo, "v0.0.1") == "net-a@v0.0.1"
+    assert git(bare, "tag", "-l") == ""  # not asked to push
+    (stage_tag,) = git(repo, "tag", "-l", "net-a#prod#*").split()
+    assert git(repo, "tag", "-l", "--format=%(contents:subject)", stage_tag).strip() == (
+        "convflow: net-a@v0.0.1 -> prod")
+    registry.promote(repo, "v0.0.1", "staging", push=True)  # in prod already, not in staging
+    assert registry.production(repo, "staging")["version"] == "v0.0.1"
+    assert set(git(bare, "tag", "-l").split()) == set(git(repo, "tag", "-l").split())
+
+
+def test_a_gto_error_is_one_line_of_at_most_300_characters() -> None:
+    from gto.exceptions import ArtifactNotFound, GTOException
+
+    def fail(exc: Exception) -> Any:
+        raise exc
+    with pytest.raises(UserError) as info:
+        registry._gto(fail, ArtifactNotFound("net-a"))
+    assert str(info.value) == ("nothing is registered yet: a flow run that passes the gate "
+                               "with --commit registers a version")
+    assert registry._gto(fail, ArtifactNotFound("net-a"), missing=None) is None
+    with pytest.raises(UserError) as info:
+        registry._gto(fail, GTOException("bad  tag\n  here " + "x" * 400))
+    assert str(info.value) == "model registry: " + ("bad tag here " + "x" * 400)[:300]

@@ -5,6 +5,8 @@ one of these (fast, in-process) tests; tests/test_leases.py runs it against a re
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 from typing import Any
@@ -20,7 +22,6 @@ from flows import slots
 UTC_FORMAT = "%Y-%m-%d %H:%M:%S UTC"  # the format every slot log line uses (docs/unattended.md)
 
 
-# ---------------------------------------------------------------------------------- slots
 class _Log:
     """A logger that keeps what was said, formatted."""
 
@@ -39,11 +40,10 @@ class _Server:
     """What the slot code asks of a Prefect server: global concurrency limits with leases,
     and its settings. Refuses what the real API refuses (unknown paths, modes, short leases)."""
 
-    def __init__(self, storage: str | None = "prefect.server.concurrency.lease_storage.memory"
-                 ) -> None:
+    def __init__(self) -> None:
         self.limits: dict[str, list[int]] = {}  # name -> [size, active]
         self.leases: dict[UUID, str] = {}
-        self.storage = storage
+        self.storage: str | None = "prefect.server.concurrency.lease_storage.memory"
         self.tries: list[str] = []
         self.renewed: list[tuple[UUID, float]] = []
         self.released: list[UUID] = []
@@ -63,8 +63,7 @@ class _Client:
     def __enter__(self) -> _Client:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        pass
+    def __exit__(self, *exc: object) -> None: ...
 
     def request(self, method: str, path: str) -> httpx.Response:
         if (method, path) != ("GET", "/admin/settings") or self.server.storage is None:
@@ -114,10 +113,9 @@ class _Client:
 
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> _Server:
-    for name in ("CONVFLOW_SLOT", "CONVFLOW_LEASE_S", "CONVFLOW_SLOT_WAIT_S",
-                 "CONVFLOW_SLOT_NOTICE_S", "CONVFLOW_SLOT_SIZE", "CONVFLOW_DEVICES",
-                 "CUDA_VISIBLE_DEVICES"):
-        monkeypatch.delenv(name, raising=False)
+    for name in ("SLOT", "LEASE_S", "SLOT_WAIT_S", "SLOT_NOTICE_S", "SLOT_SIZE", "DEVICES"):
+        monkeypatch.delenv(f"CONVFLOW_{name}", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     fake = _Server()
     monkeypatch.setattr(prefect.client.orchestration, "get_client", fake.get_client)
     monkeypatch.setattr("socket.gethostname", lambda: "node1")
@@ -129,8 +127,14 @@ def _near(text: str, expected: datetime) -> bool:
     return abs(when - expected) < timedelta(seconds=5)
 
 
-def test_the_clock_reads_utc_now() -> None:
-    assert _near(slots._clock(), datetime.now(timezone.utc))
+@pytest.fixture
+def far_east() -> Iterator[None]:
+    """The machine's local time is 9 hours off UTC: log lines must still say UTC."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TZ", "Asia/Tokyo")
+        time.tzset()
+        yield
+    time.tzset()
 
 
 def test_a_missing_limit_is_created_with_the_configured_size(
@@ -149,18 +153,6 @@ def test_a_missing_limit_is_created_with_the_configured_size(
     assert slots.ensure_limit("e", 1).limit == 7
 
 
-def test_in_use_adds_up_the_limits(server: _Server) -> None:
-    server.limits.update({"a": [2, 1], "b": [3, 3]})
-    assert slots._in_use(["a", "b"]) == "4/5 in use"
-    assert slots._in_use(["a"]) == "1/2 in use"
-
-
-def test_the_servers_lease_storage_is_read_from_its_settings(server: _Server) -> None:
-    assert slots.server_lease_storage() == "prefect.server.concurrency.lease_storage.memory"
-    server.storage = None  # an older server or Prefect Cloud
-    assert slots.server_lease_storage() is None
-
-
 def _notice(log: _Log, names: list[str]) -> threading.Timer:
     timer = slots._notice(log, "stage 'train'", names, "a slot of 'gpu'")
     timer.join(timeout=3)
@@ -169,7 +161,7 @@ def _notice(log: _Log, names: list[str]) -> threading.Timer:
 
 
 def test_a_waiting_run_says_how_full_and_until_when(
-        server: _Server, monkeypatch: pytest.MonkeyPatch) -> None:
+        server: _Server, monkeypatch: pytest.MonkeyPatch, far_east: None) -> None:
     server.limits["gpu"] = [2, 2]
     monkeypatch.setenv("CONVFLOW_SLOT_NOTICE_S", "0")
     monkeypatch.setenv("CONVFLOW_SLOT_WAIT_S", "3600")
@@ -198,15 +190,18 @@ def test_the_wait_is_given_up_after_the_default_six_hours(
                  datetime.now(timezone.utc) + timedelta(hours=6))
 
 
-@pytest.mark.parametrize("storage", [slots.DISK_LEASES, None])
-def test_no_restart_warning_when_leases_are_on_disk_or_unknown(
-        server: _Server, monkeypatch: pytest.MonkeyPatch, storage: str | None) -> None:
+@pytest.mark.parametrize(("storage", "said"), [
+    (slots.DISK_LEASES, []), (None, []),  # on disk, or unknown (an older server): no warning
+    ("memory", ["the Prefect server keeps leases in memory"])])  # not a module path
+def test_the_restart_warning_only_where_leases_are_kept_in_memory(
+        server: _Server, monkeypatch: pytest.MonkeyPatch, storage: str | None,
+        said: list[str]) -> None:
     server.limits["gpu"] = [1, 1]
     server.storage = storage
     monkeypatch.setenv("CONVFLOW_SLOT_NOTICE_S", "0")
     log = _Log()
     _notice(log, ["gpu"])
-    assert len(log.infos) == 1 and log.warnings == []
+    assert len(log.infos) == 1 and [w.split(":")[0] for w in log.warnings] == said
 
 
 def test_the_notice_waits_its_setting_first(
@@ -271,6 +266,17 @@ def test_a_run_polls_every_second_until_its_wait_is_over(
     assert len(server.tries) == 6
 
 
+def test_by_default_a_run_waits_six_hours_for_a_device(
+        server: _Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(slots, "time", clock)
+    monkeypatch.setattr(slots, "POLL_S", 3600.0)
+    server.limits["g:node1:0"] = [1, 1]
+    with pytest.raises(slots.SlotTimeout, match=r"of node1 in 21600 s \(1/1 in use; "):
+        slots._take_any({"0": "g:node1:0"}, "training")
+    assert clock.sleeps == [3600.0] * 6
+
+
 def test_a_device_freed_while_waiting_is_taken(
         server: _Server, monkeypatch: pytest.MonkeyPatch) -> None:
     clock = _Clock()
@@ -330,7 +336,8 @@ def test_a_release_frees_the_slot_or_says_when_it_lapses(server: _Server) -> Non
                             "60 s"]
 
 
-def test_one_device_pool_per_process() -> None:
+def test_one_device_pool_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(slots, "_POOL", [])  # as in a fresh process
     pool = slots.device_pool()
     assert isinstance(pool, slots.DevicePool) and slots.device_pool() is pool
 
