@@ -25,7 +25,7 @@ declare -A TESTS=(
   [flows/publish.py]="tests/test_decisions.py tests/test_decisions_flows.py"
   [flows/results_branch.py]="tests/test_decisions.py tests/test_decisions_flows.py"
   [flows/slots.py]="tests/test_decisions.py tests/test_decisions_slots.py"
-  [flows/registry.py]="tests/test_decisions.py tests/test_decisions_flows.py"
+  [flows/registry.py]="tests/test_decisions.py tests/test_decisions_registry.py"
 )
 ORDER=(stages/gate.py stages/params.py stages/data_report.py stages/sources/safety.py
        flows/publish.py flows/results_branch.py flows/slots.py flows/registry.py)

@@ -12,14 +12,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import gto.api
 import pytest
 import yaml
 from conftest import git
 
-from flows import publish, registry, results_branch
+from flows import publish, results_branch
 from flows.runner import StageFailed
-from stages.errors import UserError
 
 
 class _Log:
@@ -52,6 +50,10 @@ artifacts:
 
 @pytest.fixture
 def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    return make_repo(tmp_path, monkeypatch)
+
+
+def make_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A git repository with the model artifact ``net-a``, one run committed; the tests run
     from a folder that is no repository, so the repository is always the one named."""
     for var in ("AUTHOR", "COMMITTER"):
@@ -77,86 +79,6 @@ def _origin(repo: Path) -> Path:
     subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True)
     git(repo, "remote", "add", "origin", str(bare))
     return bare
-
-
-def test_the_baseline_file_is_written_once_and_reads_version_first(repo: Path) -> None:
-    log = _Log()
-    assert registry.refresh_baseline(repo, log) == {"version": None, "rev": None,
-                                                    "accuracy": None}
-    text = (repo / "production.yaml").read_text()
-    assert text.splitlines()[-3:] == ["version: null", "rev: null", "accuracy: null"]
-    assert log.infos == ["production baseline is now None (test.accuracy None)"]
-    registry.refresh_baseline(repo, log)  # unchanged: not rewritten, not said again
-    assert len(log.infos) == 1 and (repo / "production.yaml").read_text() == text
-
-
-def test_an_unreadable_registry_keeps_the_baseline_and_says_why(repo: Path) -> None:
-    (repo / "production.yaml").write_text("version: kept\n")
-    (repo / "dvc.yaml").write_text(_DVC_YAML.split("artifacts:")[0])  # no model declared
-    log = _Log()
-    assert registry.refresh_baseline(repo, log) is None
-    assert log.warnings == ["model registry not readable (dvc.yaml: no model under "
-                            "'artifacts:' to register): keeping production.yaml"]
-    assert (repo / "production.yaml").read_text() == "version: kept\n"
-
-
-def test_asking_for_origin_prints_nothing(repo: Path, capfd: pytest.CaptureFixture[str]
-                                         ) -> None:
-    assert registry.has_origin(repo) is False
-    _origin(repo)
-    assert registry.has_origin(repo) is True
-    assert capfd.readouterr() == ("", "")
-
-
-def test_a_failed_tag_push_names_the_artifact_and_gits_last_line(repo: Path) -> None:
-    git(repo, "remote", "add", "origin", str(repo.parent / "missing.git"))
-    with pytest.raises(StageFailed) as info:
-        registry.push_tags(repo)
-    failed = info.value
-    assert (failed.stage, failed.kind, failed.transient) == ("git push", "step", True)
-    assert failed.returncode not in (0, None)
-    assert failed.message.startswith("the registry tags of 'net-a' were not pushed to origin: ")
-    pushed = subprocess.run(["git", "push", "-q", "origin", "HEAD"], cwd=repo,
-                            capture_output=True, text=True)
-    assert failed.message.endswith(": " + pushed.stderr.strip().splitlines()[-1])
-
-
-def test_ship_registers_promotes_and_pushes_the_named_repository(
-        repo: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, "convflow.registry")
-    bare = _origin(repo)
-    log = _Log()
-    registry.ship(repo, "first model", "prod", True, log)
-    assert log.infos[0] == "registered net-a@v0.0.1"
-    assert log.infos[-1] == "net-a@v0.0.1 is now in stage 'prod'"
-    assert registry.production(repo)["version"] == "v0.0.1"
-    assert caplog.messages[-1] == "production baseline is now net-a@v0.0.1 (test.accuracy 0.75)"
-    assert git(repo, "tag", "-l", "--format=%(contents:subject)", "net-a@v0.0.1").strip() \
-        == "first model"
-    pushed = git(bare, "tag", "-l").split()
-    assert "net-a@v0.0.1" in pushed and any(t.startswith("net-a#prod#") for t in pushed)
-
-
-def test_ship_without_push_keeps_the_tags_local(repo: Path) -> None:
-    bare = _origin(repo)
-    registry.ship(repo, "m", "prod", False, _Log())
-    assert registry.production(repo)["version"] == "v0.0.1"
-    assert git(bare, "tag", "-l") == ""
-
-
-def test_ship_without_a_stage_only_registers(repo: Path, monkeypatch: pytest.MonkeyPatch,
-                                             caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, "convflow.registry")
-    def ask_gto(*args: Any) -> None:
-        raise AssertionError("GTO asked for a stage no tag names")
-    monkeypatch.setattr(gto.api, "find_versions_in_stage", ask_gto)
-    log = _Log()
-    registry.ship(repo, "m", None, True, log)  # no origin: nothing pushed, no error
-    assert registry.model_hash(repo, "HEAD") == "a" * 32
-    registry.ship(repo, "m", None, True, log)  # the same model: the same version
-    assert log.infos == ["registered net-a@v0.0.1"] * 2
-    assert caplog.messages == ["model unchanged since net-a@v0.0.1: no new version"]
-    assert registry.production(repo) is None  # from the tags alone (GTO's import is slow)
 
 
 # -------------------------------------------------------------------------------- publish
@@ -186,6 +108,95 @@ def test_a_step_is_retried_as_asked() -> None:
     step = publish._with_retries(publish.push_task, 3, 7.5)
     assert (step.retries, step.retry_delay_seconds) == (3, 7.5)
     assert step.name == "dvc-push"
+
+
+class _Steps:
+    """Stand-ins for the flow's Prefect tasks (and the DVC process): what was run, in order."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, output: str = "", status: int = 0,
+                 timed_out: bool = False) -> None:
+        self.calls: list[tuple] = []
+        self.ran = (output, status, timed_out)
+        for name in ("fetch_task", "pull_task", "push_task", "publish_task"):
+            monkeypatch.setattr(publish, name, _Step(name, self.calls))
+        monkeypatch.setattr(publish, "run_guarded", self.run_guarded)
+
+    def run_guarded(self, cmd: list[str], root: Path, step: str, timeout_s: float,
+                    log: Any) -> tuple[str, int, bool]:
+        self.calls.append((step, cmd[cmd.index("dvc") + 1:], timeout_s))
+        return self.ran
+
+
+class _Step:
+    def __init__(self, name: str, calls: list[tuple]) -> None:
+        self.name, self.calls, self.options = name, calls, None
+
+    def with_options(self, retries: int, retry_delay_seconds: float) -> _Step:
+        self.options = (retries, retry_delay_seconds)
+        return self
+
+    def __call__(self, *args: Any) -> str:
+        self.calls.append((self.name, args, self.options))
+        return "c0ffee"
+
+
+def test_a_run_starts_with_fetch_then_pull_each_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    steps = _Steps(monkeypatch)
+    publish.start_run(Path("/r"), 4, 2.5, "results/x")
+    assert steps.calls == [("fetch_task", ("/r", "results/x"), (4, 2.5)),
+                           ("pull_task", ("/r",), (4, 2.5))]
+
+
+def test_a_run_pushes_its_outputs_before_it_commits(repo: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    steps = _Steps(monkeypatch)
+    assert publish.finish_run(repo, "pipeline", False, False) is None and steps.calls == []
+    assert publish.finish_run(repo, "pipeline", True, False, retries=3, retry_delay_s=1.5) is None
+    assert steps.calls == [("push_task", (str(repo),), (3, 1.5))]
+    assert publish.finish_run(repo, "sweep", False, True) == "c0ffee"  # local: not pushed
+    name, (root, message, branch, remote), _ = steps.calls[-1]
+    assert (name, root, branch, remote) == ("publish_task", str(repo), None, None)
+    assert message.startswith("convflow: sweep run manual (None) from ")
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__NAME", "nightly")
+    publish.finish_run(repo, "pipeline", False, True)
+    assert steps.calls[-1][1][2:] == ("results/nightly", "origin")
+    assert "Deployment: nightly" in steps.calls[-1][1][1]
+    publish.finish_run(repo, "pipeline", False, True, branch="results/mine")
+    assert steps.calls[-1][1][2:] == ("results/mine", "origin")
+
+
+def test_pull_and_push_name_the_remote_and_the_run_cache(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    steps = _Steps(monkeypatch)
+    publish.dvc_pull(repo, "spare")
+    publish.dvc_push(repo, "spare")
+    publish.exp_push(repo, ["e1", "e2"])
+    publish.exp_push(repo, [])
+    assert steps.calls == [
+        ("dvc pull", ["pull", "--allow-missing", "--run-cache", "-r", "spare"], 3 * 3600),
+        ("dvc push", ["push", "--run-cache", "-r", "spare"], 3 * 3600),
+        ("dvc exp push", ["exp", "push", "--run-cache", "origin", "e1", "e2"], 3 * 3600)]
+
+
+@pytest.mark.parametrize(("ran", "detail", "transient"), [
+    (("ERROR: a\nok\nERROR: b \nERROR: a\n", 1, False), "ERROR: a ERROR: b", True),
+    (("fine\nERROR: failed to transfer 'x'\n", 0, False), "ERROR: failed to transfer 'x'", True),
+    (("ERROR: 403 Forbidden\n", 1, False), "ERROR: 403 Forbidden", False),
+    (("ERROR: 403 Forbidden\n", None, True),
+     "ERROR: no answer within 10800 s (stalled transfer)", True)])
+def test_a_failed_transfer_says_why_where_and_whether_a_retry_helps(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ran: tuple, detail: str,
+        transient: bool) -> None:
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text("['remote \"spare\"']\n    url = /mnt/spare\n")
+    _Steps(monkeypatch, *ran)
+    with pytest.raises(StageFailed) as info:
+        publish.dvc_push(tmp_path, "spare")
+    hint = "retrying may help" if transient else "not retried: fix the remote or its settings"
+    assert info.value.message == f"{detail} [DVC remote 'spare' (/mnt/spare); {hint}]"
+    assert (info.value.stage, info.value.kind, info.value.transient) == (
+        "dvc push", "step", transient)
+    assert info.value.returncode == ran[1]
 
 
 # ------------------------------------------------------------------------- results branch
@@ -259,42 +270,3 @@ def test_a_failed_git_command_is_named_with_gits_error(tmp_path: Path) -> None:
         "git push", "step", None, False)
     again = pickle.loads(pickle.dumps(failed))  # Prefect may pickle a task's exception
     assert type(again) is results_branch.PublishError and again.message == failed.message
-
-
-def test_promote_names_what_is_missing_and_shows_a_long_version_cut(repo: Path) -> None:
-    with pytest.raises(UserError) as info:
-        registry.promote(repo)
-    assert str(info.value) == ("no registered version of 'net-a' to promote: a flow run that "
-                               "passes the gate with --commit registers one")
-    registry.register_version(repo, "m")
-    for version, shown in (("x" * 40, "x" * 40), ("x" * 41, "x" * 40 + "...")):
-        with pytest.raises(UserError, match=f"^version '{shown}': expected one like v0.0.3$"):
-            registry.promote(repo, version)
-
-
-def test_promote_tags_the_stage_and_pushes_only_when_asked(repo: Path) -> None:
-    bare = _origin(repo)
-    registry.register_version(repo, "m")
-    assert registry.promote(repo, "v0.0.1") == "net-a@v0.0.1"
-    assert git(bare, "tag", "-l") == ""  # not asked to push
-    (stage_tag,) = git(repo, "tag", "-l", "net-a#prod#*").split()
-    assert git(repo, "tag", "-l", "--format=%(contents:subject)", stage_tag).strip() == (
-        "convflow: net-a@v0.0.1 -> prod")
-    registry.promote(repo, "v0.0.1", "staging", push=True)  # in prod already, not in staging
-    assert registry.production(repo, "staging")["version"] == "v0.0.1"
-    assert set(git(bare, "tag", "-l").split()) == set(git(repo, "tag", "-l").split())
-
-
-def test_a_gto_error_is_one_line_of_at_most_300_characters() -> None:
-    from gto.exceptions import ArtifactNotFound, GTOException
-
-    def fail(exc: Exception) -> Any:
-        raise exc
-    with pytest.raises(UserError) as info:
-        registry._gto(fail, ArtifactNotFound("net-a"))
-    assert str(info.value) == ("nothing is registered yet: a flow run that passes the gate "
-                               "with --commit registers a version")
-    assert registry._gto(fail, ArtifactNotFound("net-a"), missing=None) is None
-    with pytest.raises(UserError) as info:
-        registry._gto(fail, GTOException("bad  tag\n  here " + "x" * 400))
-    assert str(info.value) == "model registry: " + ("bad tag here " + "x" * 400)[:300]
