@@ -17,7 +17,7 @@ JOBS=${MUTATION_JOBS:-2}
 
 # module -> the fast tests that decide its mutants (space-separated pytest ids)
 declare -A TESTS=(
-  [stages/gate.py]="tests/test_decisions.py tests/test_guardrails.py"
+  [stages/gate.py]="tests/test_decisions.py tests/test_decisions_stages.py tests/test_guardrails.py"
   [stages/params.py]="tests/test_decisions.py tests/test_decisions_stages.py tests/test_params.py"
   [stages/data_report.py]="tests/test_decisions.py tests/test_decisions_stages.py"
   [stages/sources/safety.py]="tests/test_decisions.py tests/test_decisions_stages.py

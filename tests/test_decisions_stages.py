@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from stages import data_report
-from stages.params import Params, _accepted, accepted_range
+from stages.gate import headline, main, verdict
+from stages.params import GateParams, Params, _accepted, accepted_range
 
 
 # --------------------------------------------------------------------------------- params
@@ -36,3 +37,17 @@ def test_a_label_past_the_class_list_is_never_dropped_from_the_counts() -> None:
     assert data_report._per_class(np.array([], np.int64), ("a", "b")) == {"a": 0, "b": 0}
     with pytest.raises(ValueError):
         data_report._per_class(np.array([0, 2]), ("a", "b"))
+
+
+# ----------------------------------------------------------------------------------- gate
+def test_the_headline_is_whether_it_passed_and_the_drop() -> None:
+    result = verdict(0.8, GateParams(min_accuracy=0.5, max_drop=0.02),
+                     {"version": "v1", "rev": "abc", "accuracy": 0.9})
+    assert headline(result) == {"passed": False, "drop": pytest.approx(0.1)}
+
+
+def test_the_help_names_the_headline_file(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "its headline metrics file to write (verdict.json)" in " ".join(
+        capsys.readouterr().out.split())
