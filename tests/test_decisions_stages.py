@@ -10,6 +10,7 @@ import pytest
 from stages import data_report
 from stages.gate import headline, main, verdict
 from stages.params import GateParams, Params, _accepted, accepted_range
+from stages.sources.raw import RawData
 
 
 # --------------------------------------------------------------------------------- params
@@ -37,6 +38,15 @@ def test_a_label_past_the_class_list_is_never_dropped_from_the_counts() -> None:
     assert data_report._per_class(np.array([], np.int64), ("a", "b")) == {"a": 0, "b": 0}
     with pytest.raises(ValueError):
         data_report._per_class(np.array([0, 2]), ("a", "b"))
+
+
+def test_the_headline_is_the_images_kept_per_split() -> None:
+    def images(n: int) -> np.ndarray:
+        return np.stack([np.full((3, 32, 32), v, np.uint8) for v in range(n)])
+    data = RawData(images(3), np.array([0, 1, 1]), images(2), np.array([1, 0]), ("a", "b"),
+                   "npz", {})
+    report = data_report.build_report(data, data_report.find_duplicates(data), 1, None, None)
+    assert data_report.headline(report) == {"images": {"train": 3, "test": 2}}
 
 
 # ----------------------------------------------------------------------------------- gate
