@@ -110,7 +110,8 @@ def init_and_commit(dest: Path, message: str) -> Path:
     """Make ``dest`` a git + DVC repository and commit everything in it."""
     git(dest, "init", "-q", "-b", "main")
     dvc(dest, "init", "-q")
-    dvc(dest, "config", "core.analytics", "false")
+    # what `dvc config core.analytics false` writes, without a third DVC process per repo
+    (dest / ".dvc" / "config").write_text("[core]\n    analytics = false\n")
     git(dest, "add", "-A")
     git(dest, "commit", "-q", "-m", message)
     return dest
@@ -141,6 +142,7 @@ def _torch_threads() -> None:
     torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under ``pytest -n N --dist loadgroup`` (pytest-xdist, as CI runs): the tests of a module
     that share a module-scoped fixture (a team of servers, a trained model) run on one worker,

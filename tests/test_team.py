@@ -166,46 +166,6 @@ def test_a_pushed_promotion_is_the_workers_baseline_and_a_fresh_clones_prod_mode
     assert task_runs(worse.id)["gate"].state.is_failed()
 
 
-def test_a_sweep_on_the_worker_shows_on_the_laptop(team):
-    flow_run = run_deployment(SWEEP, grid={"train.lr": [0.002, 0.02]}, max_parallel=1)
-    assert_completed(flow_run, team.worker)
-    names = [f"{flow_run.name}-1", f"{flow_run.name}-2"]
-    laptop = clone(team.origin, team.folder / "laptop-sweep")
-    listed = dvc(laptop, "exp", "list", "origin", "--names-only").stdout.split()
-    assert set(names) <= set(listed), listed
-    dvc(laptop, "exp", "pull", "origin", *names)
-    shown = json.loads(dvc(laptop, "exp", "show", "--json").stdout)
-    rows = {rev.get("name"): rev for base in shown for group in base.get("experiments") or []
-            for rev in group.get("revs") or []}
-    assert set(names) <= set(rows)
-    lrs = {rows[n]["data"]["params"]["params.yaml"]["data"]["train"]["lr"] for n in names}
-    assert lrs == {0.002, 0.02}
-    for name in names:
-        metrics = rows[name]["data"]["metrics"]["metrics/evaluate.json"]["data"]
-        assert 0.0 < metrics["test"]["accuracy"] <= 1.0
-    # the model of the best one restores from the object store without retraining
-    dvc(laptop, "exp", "apply", names[1])
-    dvc(laptop, "pull")
-    assert "Data and pipelines are up to date." in dvc(laptop, "status").stdout
-
-
-def test_object_store_down_at_start_is_a_clear_transient_failure(team):
-    before = remote_heads(team.origin)
-    team.store.stop()
-    try:
-        flow_run = run_deployment(NIGHTLY, retries=1, retry_delay_s=1)
-    finally:
-        team.store.start()
-    assert flow_run.state.is_failed(), flow_run.state
-    message = flow_run.state.message
-    assert "step 'dvc pull' failed: ERROR: " in message, message
-    assert "[DVC remote 'storage' (s3://convflow/e2e); retrying may help]" in message, message
-    pull = task_runs(flow_run.id)["dvc-pull"]
-    assert pull.run_count == 2  # retried once, as a transient failure
-    assert "train" not in task_runs(flow_run.id)
-    assert remote_heads(team.origin) == before  # no commit anywhere
-
-
 #: A stage that holds while a file exists (so the test can kill the worker mid-stage).
 HOLD_STAGE = """\
 import json, os, sys, time
