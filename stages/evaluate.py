@@ -17,7 +17,10 @@ ties them together. :func:`main` only reads files and writes the outputs:
   image, the input DVC's ``confusion`` plot template counts; it grows with the test set
   (about 0.5 MB for CIFAR-10's 10,000 images), so it lives in the DVC cache, not in git;
 * ``<out>/predictions.npz`` (DVC cache): label, predicted class and confidence per image;
-* ``<out>/wrong.json`` (DVC cache): the most confidently wrong test images, for the plots.
+* ``<out>/wrong.json`` (DVC cache): the most confidently wrong test images, for the plots;
+* ``<out>/filters.npz`` (DVC cache): the model's first conv layer (``weights``, float32
+  out x in x k x k) and what it is (``title``), so the plot stage draws the filters without
+  loading the model or importing torch.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from torch import nn
 from stages.device import pick_device, set_threads
 from stages.errors import UserError, run_cli
 from stages.io import atomic_dir, atomic_file, read_processed, write_json
-from stages.models import load_model
+from stages.models import first_layer_title, load_model
 from stages.params import EvaluateParams, load_params
 from stages.tta import tta_accuracy
 
@@ -72,6 +75,21 @@ def check_compatible(meta: dict[str, Any], classes: Sequence[str], image_shape: 
         raise UserError(
             f"{model_path} takes images of shape {expected} (C x H x W) but {data_path} holds "
             f"{list(image_shape)}: re-run normalize for this model or retrain it")
+
+
+# ----------------------------------------------------------------------------- filters
+def first_layer_filters(model: nn.Module) -> tuple[np.ndarray, str]:
+    """The first ``Conv2d``'s weights (float32, out x in x k x k, on the CPU) and what they
+    are (:func:`stages.models.first_layer_title`): what plot's filters figure draws.
+
+    Here, not in :mod:`stages.models`: train depends on that file, so a change to it
+    re-trains; evaluate already loads the model, and plot then needs neither it nor torch.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            weights = module.weight.detach().to("cpu", torch.float32).numpy()
+            return np.ascontiguousarray(weights), first_layer_title(model)
+    raise UserError("the model has no convolution layer whose filters could be drawn")
 
 
 # ----------------------------------------------------------------------------- inference
@@ -226,8 +244,9 @@ def confusion_rows(labels: np.ndarray, predicted: np.ndarray,
 
 # ----------------------------------------------------------------------------- CLI
 def write_per_image(folder: str | Path, labels: np.ndarray, result: Evaluation,
-                    classes: list[str]) -> None:
-    """The DVC-cached per-image results: predictions (json, npz) and the wrong images."""
+                    classes: list[str], filters: tuple[np.ndarray, str]) -> None:
+    """The DVC-cached per-image results: predictions (json, npz) and the wrong images,
+    plus the model's first-layer filters and their title (:func:`first_layer_filters`)."""
     with atomic_dir(folder) as out:
         # one compact row per line: ~35 bytes an image instead of ~70 pretty-printed
         rows = confusion_rows(labels, result.predicted, classes)
@@ -240,6 +259,9 @@ def write_per_image(folder: str | Path, labels: np.ndarray, result: Evaluation,
         write_json(out / "wrong.json", [
             {**w, "actual_name": classes[w["actual"]], "predicted_name": classes[w["predicted"]]}
             for w in result.wrong])
+        weights, title = filters
+        np.savez(out / "filters.npz", weights=np.asarray(weights, np.float32),
+                 title=np.array(title))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -261,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = pick_device("auto", logger=log)
     model, meta = load_model(args.model, map_location=device)
     check_compatible(meta, classes, images.shape[1:], args.model, data)
+    filters = first_layer_filters(model)  # for plot, which then needs neither model nor torch
 
     log.info("evaluating %d test images on %s (tta_flip=%s)", len(labels), device, p.tta_flip)
     result = evaluate(model, images, labels, classes, p, device)
@@ -283,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ):
         with atomic_file(metrics_dir / name) as tmp:
             write_json(tmp, obj)
-    write_per_image(args.out, labels, result, classes)
+    write_per_image(args.out, labels, result, classes, filters)
     t = summary["test"]
     log.info("test accuracy %.4f, loss %.4f, macro F1 %.4f", t["accuracy"], t["loss"],
              details["test"]["macro_f1"])

@@ -3,9 +3,10 @@
 The figures themselves are pure functions in :mod:`stages.figures`; :func:`make_figures`
 turns loaded inputs into named figures and :func:`main` reads the inputs and writes the
 PNGs atomically. The confusion matrix is the one evaluate wrote (``metrics/confusion.json``),
-so this stage needs no evaluation code; torch is only imported to read the model's filters.
-The folder is declared in ``dvc.yaml`` as a DVC image plot (DVC-cached,
-so no image derived from the user's data ends up in git).
+and so are the model's first-layer filters (``filters.npz`` in evaluate's folder), so this
+stage needs neither evaluation code nor the model, and never imports torch. The folder is
+declared in ``dvc.yaml`` as a DVC image plot (DVC-cached, so no image derived from the
+user's data ends up in git).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class PlotInputs:
     loss_history: tuple[list[float], list[float]]  # iterations, losses
     accuracy: dict[str, tuple[list[float], list[float]]]  # split -> epochs, accuracy
     first_filters: np.ndarray  # out x in x k x k weights of the model's first conv layer
-    filters_title: str = "Learned first-layer filters"  # what they are (models.first_layer_title)
+    filters_title: str = "Learned first-layer filters"  # what they are (evaluate's filters.npz)
 
 
 def nhwc(images: np.ndarray) -> np.ndarray:
@@ -129,16 +130,6 @@ def read_confusion(path: Path, classes: list[str]) -> np.ndarray:
     return matrix.astype(np.int64)
 
 
-def first_conv_weights(model: Any) -> np.ndarray:
-    """Weights of the first ``Conv2d`` in the model (out x in x k x k)."""
-    from torch import nn
-
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            return module.weight.detach().cpu().numpy()
-    raise UserError("the model has no convolution layer whose filters could be drawn")
-
-
 def read_predictions(path: Path, labels: np.ndarray, n_classes: int) -> np.ndarray:
     """evaluate's predicted class per test image, checked against the test split."""
     arrays = load_arrays(path, ("labels", "predicted"), EVALUATE_FIX)
@@ -149,6 +140,20 @@ def read_predictions(path: Path, labels: np.ndarray, n_classes: int) -> np.ndarr
         raise UserError(f"{path} does not match the test split ({len(labels)} images, "
                         f"{n_classes} classes); {EVALUATE_FIX}")
     return predicted
+
+
+def read_filters(path: Path) -> tuple[np.ndarray, str]:
+    """The model's first conv weights (out x in x k x k) and their title, as evaluate wrote
+    them (``evaluate.first_layer_filters``)."""
+    if not path.is_file():
+        raise UserError(f"{path}: missing; {EVALUATE_FIX}")
+    arrays = load_arrays(path, ("weights", "title"), EVALUATE_FIX)
+    weights, title = arrays["weights"], arrays["title"]
+    if weights.ndim != 4 or 0 in weights.shape or weights.dtype != np.float32 \
+            or title.shape != () or title.dtype.kind != "U":
+        raise UserError(f"{path}: expected float32 'weights' (out x in x k x k) and a 'title' "
+                        f"string; {EVALUATE_FIX}")
+    return weights, str(title)
 
 
 def read_wrong(path: Path, n_test: int) -> list[dict[str, Any]]:
@@ -163,18 +168,15 @@ def read_wrong(path: Path, n_test: int) -> list[dict[str, Any]]:
     return rows
 
 
-def load_inputs(data: Path, raw: Path, model_path: Path, eval_dir: Path, metrics: Path,
-                live: Path, n_train: int) -> PlotInputs:
-    """Read what the figures need from the pipeline's files."""
-    # torch: only for the model's first-layer filters
-    from stages.models import first_layer_title, load_model
-
+def load_inputs(data: Path, raw: Path, eval_dir: Path, metrics: Path, live: Path,
+                n_train: int) -> PlotInputs:
+    """Read what the figures need from the pipeline's files (no model, no torch)."""
     stats, processed = read_processed(data, ("test",))
     _, raw_splits = read_raw(raw, ("train",))
     train_images, train_labels = raw_splits["train"]
     test_images, test_labels = processed["test"]
     classes = stats["classes"]
-    model, _ = load_model(model_path)
+    filters, filters_title = read_filters(eval_dir / "filters.npz")
     accuracy = {name: read_series(live / rel, "acc") for name, rel in ACCURACY_SERIES.items()
                 if name == "train" or (live / rel).is_file()}  # no val series when val is empty
     return PlotInputs(
@@ -185,18 +187,17 @@ def load_inputs(data: Path, raw: Path, model_path: Path, eval_dir: Path, metrics
         confusion=read_confusion(metrics / "confusion.json", classes),
         wrong=read_wrong(eval_dir / "wrong.json", len(test_labels)),
         loss_history=read_loss_history(live / LOSS_HISTORY), accuracy=accuracy,
-        first_filters=first_conv_weights(model), filters_title=first_layer_title(model),
+        first_filters=filters, filters_title=filters_title,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m stages.plot --data D --raw D --model F --eval D --metrics D --live D
-    --out D``."""
+    """``python -m stages.plot --data D --raw D --eval D --metrics D --live D --out D``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="processed data folder")
     parser.add_argument("--raw", required=True, help="raw data folder (training images)")
-    parser.add_argument("--model", required=True, help="model file (first-layer filters)")
-    parser.add_argument("--eval", required=True, help="evaluate's per-image results folder")
+    parser.add_argument("--eval", required=True,
+                        help="evaluate's results folder (per-image rows, first-layer filters)")
     parser.add_argument("--metrics", required=True,
                         help="evaluate's metrics folder (confusion.json)")
     parser.add_argument("--live", required=True, help="train's dvclive folder")
@@ -204,8 +205,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     p = load_params().plot
 
-    inputs = load_inputs(Path(args.data), Path(args.raw), Path(args.model), Path(args.eval),
-                         Path(args.metrics), Path(args.live), p.n_images)
+    inputs = load_inputs(Path(args.data), Path(args.raw), Path(args.eval), Path(args.metrics),
+                         Path(args.live), p.n_images)
     figs = make_figures(inputs, p)
     with atomic_dir(args.out) as out:
         for name, fig in figs.items():

@@ -13,7 +13,7 @@ import yaml
 from stages import evaluate as ev
 from stages.errors import UserError, run_cli
 from stages.io import save_split, write_json
-from stages.models import build_model, save_model
+from stages.models import build_model, first_layer_title, save_model
 from stages.params import EvaluateParams
 
 CLASSES = ["a", "b", "c"]
@@ -182,6 +182,36 @@ def test_main_writes_small_committed_metrics_and_cached_rows(tmp_path: Path,
     wrong = json.loads((tmp_path / "results" / "evaluate" / "wrong.json").read_text())
     assert len(wrong) <= 4 and all(w["actual"] != w["predicted"] for w in wrong)
     assert all(rows[w["index"]]["predicted"] == w["predicted_name"] for w in wrong)
+
+
+def test_main_writes_the_models_first_layer_filters_for_plot(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """filters.npz: the saved model's first conv weights and their title, so plot draws them
+    without the model (or torch)."""
+    write_stage_inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    ev.main(ARGV)
+    with np.load(tmp_path / "results/evaluate/filters.npz", allow_pickle=False) as npz:
+        weights, title = npz["weights"], str(npz["title"])
+    first = next(m for m in _model().modules() if isinstance(m, torch.nn.Conv2d))
+    assert weights.dtype == np.float32 and weights.shape == (6, 3, 5, 5)
+    np.testing.assert_array_equal(weights, first.weight.detach().numpy())
+    assert title == first_layer_title(_model()) == "Learned first-layer filters"
+
+
+@pytest.mark.parametrize(("arch", "shape", "title"), [
+    ("seed_net", (6, 3, 5, 5), "Learned first-layer filters"),
+    ("air_small", (24, 3, 2, 2), "First-layer whitening filters (fixed"),
+])
+def test_first_layer_filters_are_the_first_convs_weights_and_title(
+        arch: str, shape: tuple[int, ...], title: str) -> None:
+    model = build_model(arch, 10, [0.5] * 3, [0.25] * 3)
+    weights, got = ev.first_layer_filters(model)
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert weights.shape == shape and weights.dtype == np.float32 and got.startswith(title)
+    np.testing.assert_array_equal(weights, first.weight.detach().numpy())
+    with pytest.raises(UserError, match="no convolution layer"):
+        ev.first_layer_filters(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)))
 
 
 def test_cli_names_a_model_trained_on_other_classes(tmp_path: Path,

@@ -172,10 +172,10 @@ def test_unknown_model_name_lists_the_choices() -> None:
 ])
 def test_filters_figure_says_what_the_first_conv_is(arch: str, title: str) -> None:
     from stages import figures
-    from stages.plot import first_conv_weights
+    from stages.evaluate import first_layer_filters
 
     model = build_model(arch, 10, MEAN, STD)
-    fig = figures.filters_figure(first_conv_weights(model), 40, first_layer_title(model))
+    fig = figures.filters_figure(first_layer_filters(model)[0], 40, first_layer_title(model))
     assert fig.texts[0].get_text().startswith(title)
     # the airbench nets' first conv is the frozen whitening, not a learned layer
     first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))

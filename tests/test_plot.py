@@ -11,13 +11,14 @@ import pytest
 import yaml
 from matplotlib.figure import Figure
 from PIL import Image
+from stage_cli import run_stage
 
 from stages import evaluate as ev
 from stages import figures
 from stages import plot as pl
 from stages.errors import UserError, run_cli
 from stages.io import save_split, write_json
-from stages.models import build_model, save_model
+from stages.models import build_model, load_model, save_model
 from stages.params import PlotParams
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -84,7 +85,7 @@ def _inputs(n_test: int = 30, wrong: int = 5, val: bool = True) -> pl.PlotInputs
         wrong=[{"index": i, "actual": int(labels[i]), "predicted": int(predicted[i]),
                 "confidence": 0.9 - i / 100} for i in range(wrong)],
         loss_history=([0.0, 2.0, 4.0], [2.3, 2.0, 1.7]), accuracy=acc,
-        first_filters=pl.first_conv_weights(model),
+        first_filters=ev.first_layer_filters(model)[0],
     )
 
 
@@ -210,9 +211,8 @@ def test_stage_writes_readable_pngs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.chdir(tmp_path)
     ev.main(["--data", "data/processed", "--model", "models/model.pt", "--metrics", "metrics",
              "--out", "results/evaluate"])
-    pl.main(["--data", "data/processed", "--raw", "data/raw", "--model", "models/model.pt",
-             "--eval", "results/evaluate", "--metrics", "metrics", "--live", "dvclive/train",
-             "--out", "reports/figures"])
+    pl.main(["--data", "data/processed", "--raw", "data/raw", "--eval", "results/evaluate",
+             "--metrics", "metrics", "--live", "dvclive/train", "--out", "reports/figures"])
     pngs = sorted((tmp_path / "reports/figures").iterdir())
     assert {png.stem for png in pngs} == EXPECTED_FIGURES
     assert all(png.suffix == ".png" for png in pngs)
@@ -231,15 +231,13 @@ def test_stage_without_training_logs_says_what_to_run(tmp_path: Path,
     ev.main(["--data", "data/processed", "--model", "models/model.pt", "--metrics", "metrics",
              "--out", "results/evaluate"])
     with pytest.raises(UserError, match=r"loss_history\.json: missing; run the train stage"):
-        pl.main(["--data", "data/processed", "--raw", "data/raw", "--model", "models/model.pt",
-                 "--eval", "results/evaluate", "--metrics", "metrics", "--live", "dvclive/train",
-                 "--out", "figs"])
+        pl.main(["--data", "data/processed", "--raw", "data/raw", "--eval", "results/evaluate",
+                 "--metrics", "metrics", "--live", "dvclive/train", "--out", "figs"])
     assert not (tmp_path / "figs").exists()
 
 
-PLOT_ARGV = ["--data", "data/processed", "--raw", "data/raw", "--model", "models/model.pt",
-             "--eval", "results/evaluate", "--metrics", "metrics", "--live", "dvclive/train",
-             "--out", "figs"]
+PLOT_ARGV = ["--data", "data/processed", "--raw", "data/raw", "--eval", "results/evaluate",
+             "--metrics", "metrics", "--live", "dvclive/train", "--out", "figs"]
 
 
 def _tear(path: Path) -> None:
@@ -259,6 +257,16 @@ def _tear(path: Path) -> None:
      "confusion.json: expected a 10 x 10 matrix of counts"),
     (lambda r: (r / "results/evaluate/wrong.json").write_text('[{"index": 99999}]'),
      "wrong.json: expected rows of index, actual, predicted, confidence"),
+    # an evaluate from before filters.npz existed: the fix is to re-run it
+    (lambda r: (r / "results/evaluate/filters.npz").unlink(), "filters.npz: missing; re-run"),
+    (lambda r: _tear(r / "results/evaluate/filters.npz"),
+     "filters.npz: not a valid weights/title file"),
+    (lambda r: np.savez(r / "results/evaluate/filters.npz", weights=np.zeros((6, 3, 5)),
+                        title=np.array("t")),
+     "filters.npz: expected float32 'weights' (out x in x k x k) and a 'title' string"),
+    (lambda r: np.savez(r / "results/evaluate/filters.npz",
+                        weights=np.zeros((6, 3, 5, 5), np.float32), title=np.array([1, 2])),
+     "filters.npz: expected float32 'weights' (out x in x k x k) and a 'title' string"),
 ])
 def test_a_torn_or_foreign_input_is_one_line_naming_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
@@ -275,6 +283,8 @@ def test_a_torn_or_foreign_input_is_one_line_naming_it(
     assert info.value.code == 2 and "Traceback" not in err
     assert err.count("\n") == 1 and err.startswith("convflow.plot: error: ") and message in err
     assert "dvc repro -f " in err  # and the command that rebuilds it
+    if "filters.npz" in message:
+        assert "re-run evaluate: dvc repro -f evaluate" in err
     assert not (tmp_path / "figs").exists()
 
 
@@ -284,3 +294,35 @@ def test_overlap_check_catches_overlapping_text() -> None:
     ax.text(0.5, 0.5, "automobile")
     ax.text(0.52, 0.5, "airplane")
     assert _texts_overlap(fig) == [("automobile", "airplane")]
+
+
+def test_stage_draws_evaluates_filters_without_importing_torch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """plot reads the model's first-layer filters from evaluate's filters.npz: a plot-only
+    change never pays torch's import (about a third of the stage), and never reads the model."""
+    _write_pipeline_outputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    ev.main(["--data", "data/processed", "--model", "models/model.pt", "--metrics", "metrics",
+             "--out", "results/evaluate"])
+    (tmp_path / "models/model.pt").unlink()  # plot has no use for it
+    proc = run_stage("plot", PLOT_ARGV, tmp_path, PYTHONPROFILEIMPORTTIME="1")  # -X importtime
+    assert proc.returncode == 0, proc.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "matplotlib" in imported  # the check sees the stage's imports...
+    assert not {m for m in imported if m.split(".")[0] == "torch"}  # ...and no torch
+    assert (tmp_path / "figs/filters.png").is_file()
+
+
+def test_filters_figure_is_the_models_first_conv(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same weights and title as drawing straight from the model (what plot did before)."""
+    _write_pipeline_outputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    ev.main(["--data", "data/processed", "--model", "models/model.pt", "--metrics", "metrics",
+             "--out", "results/evaluate"])
+    inp = pl.load_inputs(Path("data/processed"), Path("data/raw"), Path("results/evaluate"),
+                         Path("metrics"), Path("dvclive/train"), 10)
+    weights, title = ev.first_layer_filters(load_model("models/model.pt")[0])
+    np.testing.assert_array_equal(inp.first_filters, weights)
+    assert inp.first_filters.shape == (6, 3, 5, 5) and inp.filters_title == title
