@@ -124,6 +124,14 @@ def pipeline_repo(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def git_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """subprocess_env's git identity in this process too (for commits made in-process)."""
+    for key, value in subprocess_env().items():
+        if key.startswith("GIT_"):
+            monkeypatch.setenv(key, value)
+
+
+@pytest.fixture
 def cifar_jpeg() -> Path:
     """The shared real CIFAR-10 JPEG archive; skips where a fresh clone does not have it."""
     if not SHARED_CIFAR_JPEG.is_file():

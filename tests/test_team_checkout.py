@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import dvc, git, run, subprocess_env
+from conftest import dvc, git, run
 from prefect_fixtures import make_toy_repo, py_stage
 
 from stages.errors import UserError
@@ -20,11 +20,8 @@ SCORE = ("import json, yaml; n = yaml.safe_load(open('params.yaml'))['a']['n']; 
 BRANCH = "results/nightly"
 
 
-@pytest.fixture(autouse=True)
-def _git_identity(monkeypatch) -> None:
-    for key, value in subprocess_env().items():
-        if key.startswith("GIT_"):
-            monkeypatch.setenv(key, value)
+#: the test's git identity in this process too, for the commits the code under test makes
+pytestmark = pytest.mark.usefixtures("git_identity")
 
 
 @pytest.fixture

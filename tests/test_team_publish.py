@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import dvc, git, subprocess_env
+from conftest import dvc, git
 from prefect_fixtures import make_toy_repo, py_stage
 
 SCORE = ("import json, yaml; n = yaml.safe_load(open('params.yaml'))['a']['n']; "
@@ -39,12 +39,8 @@ def run_in_clone(origin: Path, dest: Path, n: int) -> Path:
     return dest
 
 
-@pytest.fixture(autouse=True)
-def _git_identity(monkeypatch) -> None:
-    """The test's git identity, for the commits publish makes in this process."""
-    for key, value in subprocess_env().items():
-        if key.startswith("GIT_"):
-            monkeypatch.setenv(key, value)
+#: the test's git identity in this process too, for the commits the code under test makes
+pytestmark = pytest.mark.usefixtures("git_identity")
 
 
 def publish(root: Path, message: str, **kw) -> str | None:

@@ -20,11 +20,8 @@ FIGURE = ("import yaml; p = yaml.safe_load(open('params.yaml')); "
           "open('fig.txt', 'w').write('dpi %s' % p['b']['dpi'])")
 
 
-@pytest.fixture(autouse=True)
-def _git_identity(monkeypatch) -> None:
-    for key, value in subprocess_env().items():
-        if key.startswith("GIT_"):
-            monkeypatch.setenv(key, value)
+#: the test's git identity in this process too, for the commits the code under test makes
+pytestmark = pytest.mark.usefixtures("git_identity")
 
 
 @pytest.fixture
