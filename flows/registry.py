@@ -112,7 +112,7 @@ def model_hash(root: str | Path, rev: str) -> str | None:
     for stage in ((yaml.safe_load(shown.stdout) or {}).get("stages") or {}).values():
         for out in stage.get("outs") or []:
             if out.get("path") == path:
-                return out.get("md5") or out.get("hash")
+                return out.get("md5")  # DVC 3's `hash: md5` names the algorithm
     return None
 
 

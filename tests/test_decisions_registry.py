@@ -10,6 +10,7 @@ from typing import Any
 
 import gto.api
 import pytest
+import yaml
 from conftest import git
 from test_decisions_flows import _DVC_YAML, _Log, _origin, make_repo
 
@@ -140,3 +141,15 @@ def test_a_gto_error_is_one_line_of_at_most_300_characters() -> None:
     with pytest.raises(UserError) as info:
         registry._gto(fail, GTOException("bad  tag\n  here " + "x" * 400))
     assert str(info.value) == "model registry: " + ("bad tag here " + "x" * 400)[:300]
+
+
+def test_a_lock_entry_without_an_md5_gives_no_model_hash(repo: Path) -> None:
+    """DVC 3 writes ``hash: md5`` beside ``md5:``; the algorithm's name is never taken for a
+    hash (two models would then compare equal and no new version be registered)."""
+    _, path = registry.model_artifact(repo)
+    lock = {"schema": "2.0", "stages": {"train": {"cmd": "train", "outs": [
+        {"path": path, "hash": "md5", "size": 1}]}}}
+    (repo / "dvc.lock").write_text(yaml.safe_dump(lock))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "a lock entry without md5")
+    assert registry.model_hash(repo, "HEAD") is None
