@@ -33,7 +33,14 @@ from pathlib import Path
 
 import pytest
 from conftest import subprocess_env
-from team_fixtures import ACCESS_KEY, SECRET_KEY, SeaweedFS, free_ports, stop_group
+from team_fixtures import (
+    ACCESS_KEY,
+    SECRET_KEY,
+    WORKER_POLL,
+    SeaweedFS,
+    free_ports,
+    stop_group,
+)
 
 #: First two octets of the test subnets; the third is claimed per cluster.
 SUBNET = "10.203"
@@ -161,8 +168,7 @@ class Host:
     def start_worker(self, pool: str, limit: int = 2, env: dict[str, str] | None = None,
                      ) -> subprocess.Popen:
         """``prefect worker start --pool <pool> --limit <limit>`` on this host."""
-        quick = {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1",
-                 "PREFECT_LOGGING_LEVEL": "INFO"}
+        quick = {**WORKER_POLL, "PREFECT_LOGGING_LEVEL": "INFO"}
         self.worker = self.popen(
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type",
              "process", "--limit", str(limit), "--name", f"{self.name}-worker"],

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 from conftest import PROJECT, git, make_pipeline_repo, run, subprocess_env
-from team_fixtures import ACCESS_KEY, SECRET_KEY, SeaweedFS, ensure_pool, git_url, stop_group
+from team_fixtures import (
+    ACCESS_KEY,
+    SECRET_KEY,
+    WORKER_POLL,
+    SeaweedFS,
+    ensure_pool,
+    git_url,
+    stop_group,
+)
 from test_readme import shown_commands
 
 pytestmark = pytest.mark.slow
@@ -86,7 +94,7 @@ def test_team_md_runs_as_written(docs_team, tmp_path):
     ensure_pool("gpu")  # step 5 (inline): prefect work-pool create gpu --type process
     machine = tmp_path / "gpu-machine"
     machine.mkdir()
-    worker_env = {**subprocess_env(), "PREFECT_WORKER_QUERY_SECONDS": "1",
+    worker_env = {**subprocess_env(), **WORKER_POLL,
                   "PREFECT_LOGGING_LEVEL": "INFO"}  # the run's logs in worker.log
     with (machine / "worker.log").open("w") as log:
         worker = subprocess.Popen(["bash", "-c", worker_cmd], cwd=machine, env=worker_env,
