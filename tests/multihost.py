@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 from conftest import subprocess_env
+from prefect_fixtures import seed_database
 from team_fixtures import (
     ACCESS_KEY,
     SECRET_KEY,
@@ -199,7 +200,7 @@ class PrefectServer:
 
     def __init__(self, ip: str, folder: Path) -> None:
         self.home = folder / "prefect-server"
-        self.home.mkdir(parents=True, exist_ok=True)
+        seed_database(self.home)
         (self.port,) = free_ports(1)
         self.url = f"http://{ip}:{self.port}/api"
         env = subprocess_env()

@@ -216,8 +216,9 @@ def _start_server(home: Path, port: int, **settings: str) -> subprocess.Popen:
     ``settings`` are more PREFECT_* variables for the server.
     """
     from conftest import subprocess_env
-    from prefect_fixtures import SERVER_START_TIMEOUT_S, _healthy
+    from prefect_fixtures import SERVER_START_TIMEOUT_S, _healthy, seed_database
 
+    seed_database(home)  # a copy of the migrated schema; kept when the server restarts
     env = subprocess_env()
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                DO_NOT_TRACK="1", PREFECT_SERVER_UI_ENABLED="false", **settings)
