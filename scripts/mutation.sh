@@ -21,9 +21,10 @@ declare -A TESTS=(
   [stages/params.py]="tests/test_decisions.py tests/test_decisions_stages.py tests/test_params.py"
   [stages/data_report.py]="tests/test_decisions.py tests/test_decisions_stages.py"
   [stages/sources/safety.py]="tests/test_decisions.py tests/test_decisions_stages.py
-                              tests/test_ingest_cifar10.py"
+                              tests/test_decisions_safety.py tests/test_ingest_cifar10.py"
   [flows/publish.py]="tests/test_decisions.py tests/test_decisions_flows.py"
-  [flows/results_branch.py]="tests/test_decisions.py tests/test_decisions_flows.py"
+  [flows/results_branch.py]="tests/test_decisions.py tests/test_decisions_flows.py
+                             tests/test_decisions_results.py"
   [flows/slots.py]="tests/test_decisions.py tests/test_decisions_slots.py"
   [flows/registry.py]="tests/test_decisions.py tests/test_decisions_registry.py"
 )
