@@ -16,24 +16,11 @@ import httpx
 import prefect.client.orchestration
 import pytest
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from test_decisions_flows import _Log
 
 from flows import slots
 
 UTC_FORMAT = "%Y-%m-%d %H:%M:%S UTC"  # the format every slot log line uses (docs/unattended.md)
-
-
-class _Log:
-    """A logger that keeps what was said, formatted."""
-
-    def __init__(self) -> None:
-        self.infos: list[str] = []
-        self.warnings: list[str] = []
-
-    def info(self, msg: str, *args: Any) -> None:
-        self.infos.append(msg % args)
-
-    def warning(self, msg: str, *args: Any) -> None:
-        self.warnings.append(msg % args)
 
 
 class _Server:
