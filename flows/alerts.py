@@ -14,7 +14,9 @@ The gate also emits ``convflow.gate.failed`` (with its metrics) for automations 
 own; its notification is the run's failure, so each failed run alerts once.
 
 ``python -m flows alerts --webhook URL`` (or ``--block TYPE/NAME``, e.g. an e-mail block)
-creates the automation ``convflow-alerts``; running it again replaces it.
+creates the automation ``convflow-alerts``; running it again replaces it. A webhook is
+posted to by the server through ``flows/alert_block.py``'s block, which reads at most 64 KiB
+of its answer.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ EVENTS = (FAILED, CRASHED, REGRESSION)
 #: The flows it watches: every convflow flow (pipeline, sweep, sweep point).
 FLOWS = "convflow-*"
 AUTOMATION = "convflow-alerts"
-WEBHOOK_BLOCK = "convflow-alerts-webhook"
+WEBHOOK_BLOCK = f"{AUTOMATION}-webhook"
 #: Longest URL or block name echoed back in an error.
 _SHOWN = 120
 
@@ -90,11 +92,21 @@ def check_webhook(url: str) -> str:
     return url
 
 
+def webhook_class() -> type:
+    """The block class posting to a webhook: ours, which bounds the webhook's answer
+    (flows/alert_block.py), unless the server is Prefect Cloud, which cannot import it."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLOUD_API_URL
+
+    from flows.alert_block import ConvflowWebhook
+
+    cloud = (PREFECT_API_URL.value() or "").startswith(PREFECT_CLOUD_API_URL.value())
+    return CustomWebhookNotificationBlock if cloud else ConvflowWebhook
+
+
 def webhook_block(url: str, name: str = WEBHOOK_BLOCK) -> Any:
     """A saved webhook block posting ``{"text": ...}`` (what Slack's incoming webhooks take)."""
-    from prefect.blocks.notifications import CustomWebhookNotificationBlock
-
-    block = CustomWebhookNotificationBlock(
+    block = webhook_class()(
         name=name, url=check_webhook(url), method="POST",
         json_data={"text": "{{body}}", "subject": "{{subject}}"},
         # a receiver on a private or loopback address (a LAN chat server, a test) is allowed
@@ -139,7 +151,7 @@ def setup_automation(webhook: str | None = None, block: str | None = None,
 
     if (webhook is None) == (block is None):
         raise UserError("give exactly one of --webhook URL or --block TYPE/NAME")
-    target = webhook_block(webhook) if webhook else load_block(block)
+    target = webhook_block(webhook, f"{name}-webhook") if webhook else load_block(block)
     try:
         Automation.read(name=name).delete()
     except Exception:  # none yet (Prefect raises a not-found error)
