@@ -4,7 +4,8 @@ One ``python -m flows alerts --webhook`` automation on the session's real Prefec
 a webhook receiver on 127.0.0.1 (the block allows private URLs); each failure kind is made
 for real on a toy pipeline: a DVC remote that is a file (pull, push), a failing stage, a
 gate verdict, an origin whose pre-receive hook declines (publish), a sweep point that
-fails, and a run the server marks CRASHED.
+fails, and a run the server marks CRASHED. A webhook answering with an endless body gets
+its alert, and the server hangs up on it (flows/alert_block.py bounds the answer).
 """
 
 from __future__ import annotations
@@ -44,6 +45,58 @@ class _Receiver(BaseHTTPRequestHandler):
 
     def log_message(self, *args: Any) -> None:
         pass
+
+
+#: What the endless webhook sends at most before it gives up (256 MiB, 64 KiB at a time).
+ENDLESS = 256 << 20
+
+
+class _Endless(BaseHTTPRequestHandler):
+    """Takes the alert, then answers ``status`` with an endless body (or, with ``drip``, one
+    byte every 0.2 s); ``sent``: (bytes sent before the client hung up, seconds it took)."""
+    status, drip = 200, False
+    received: list[str] = []
+    sent: list[tuple[int, float]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        size = min(int(self.headers.get("Content-Length", 0)), 1 << 20)
+        type(self).received.append(json.loads(self.rfile.read(size) or b"{}")["text"])
+        self.send_response(self.status)
+        self.end_headers()  # no length: the body ends when the connection does
+        chunk, sent, start = b"x" * (1 if self.drip else 65536), 0, time.monotonic()
+        try:
+            while sent < ENDLESS and time.monotonic() - start < ARRIVE_S:
+                self.wfile.write(chunk)
+                sent += len(chunk)
+                time.sleep(0.2 if self.drip else 0)
+        except OSError:  # the client hung up
+            pass
+        type(self).sent.append((sent, time.monotonic() - start))
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def endless() -> Any:
+    """The URL of a webhook on 127.0.0.1 answering with an endless body: ``_Endless``."""
+    _Endless.status, _Endless.drip = 200, False
+    _Endless.received.clear()
+    _Endless.sent.clear()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Endless)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/hook"
+    server.shutdown()
+    server.server_close()
+
+
+def hung_up(deadline_s: float = ARRIVE_S) -> tuple[int, float]:
+    """What the endless webhook sent before the client hung up, once it did."""
+    deadline = time.monotonic() + deadline_s
+    while not _Endless.sent and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _Endless.sent, "the endless webhook was never called, or never hung up on"
+    return _Endless.sent[0]
 
 
 @pytest.fixture(scope="module")
@@ -183,8 +236,8 @@ def test_a_failed_sweep_alerts_once(alerts, tmp_path):
     assert "experiment 'bad-1' failed" in texts[0], texts[0]
 
 
-def test_a_crashed_run_alerts_once(alerts):
-    """What flows/crash.py's automation does to a run whose heartbeats stopped."""
+def crash_a_run() -> str:
+    """What flows/crash.py's automation does to a run whose heartbeats stopped: its name."""
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed, Running
 
@@ -195,7 +248,12 @@ def test_a_crashed_run_alerts_once(alerts):
         client.set_flow_run_state(flow_run.id, Running(), force=True)
         client.set_flow_run_state(flow_run.id, Crashed(
             message="no heartbeat: the flow process or its server went away"), force=True)
-    texts = alerts_for(alerts, flow_run.name)
+    return flow_run.name
+
+
+def test_a_crashed_run_alerts_once(alerts):
+    name = crash_a_run()
+    texts = alerts_for(alerts, name)
     assert len(texts) == 1, texts
     assert texts[0].splitlines()[0] == "convflow alert: prefect.flow-run.Crashed"
     assert "no heartbeat" in texts[0]
@@ -216,3 +274,75 @@ def test_alerts_refuses_a_bad_target_in_one_line(prefect_api, args, words):
     assert "Traceback" not in proc.stderr
     assert len(lines) == 1 and lines[0].startswith("convflow.flow: error: "), proc.stderr
     assert words in lines[0] and len(lines[0]) < 400
+
+
+@pytest.mark.parametrize("status", [200, 500])
+def test_the_webhook_block_reads_at_most_64_kib_of_an_endless_answer(endless, status):
+    """The whole answer is never read: memory stays small, the call ends at once."""
+    import tracemalloc
+
+    from flows.alert_block import RESPONSE_CAP, ConvflowWebhook, WebhookFailed
+
+    _Endless.status = status
+    block = ConvflowWebhook(name="t", url=endless, json_data={"text": "{{body}}"},
+                            allow_private_urls=True, timeout=10)
+    tracemalloc.start()
+    start = time.monotonic()
+    try:
+        block.notify("convflow alert: endless")
+    except WebhookFailed as exc:
+        assert status == 500 and str(exc).startswith("the webhook answered HTTP 500: xxx"), exc
+        assert len(str(exc)) < 300 and "\n" not in str(exc)
+    else:
+        assert status == 200
+    seconds = time.monotonic() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    sent, _ = hung_up(5)
+    assert _Endless.received == ["convflow alert: endless"]
+    assert seconds < 3 and peak < 16 * RESPONSE_CAP + (4 << 20), (seconds, peak)
+    assert sent < ENDLESS // 8, sent  # what the kernel's socket buffers hold, not the body
+
+
+def test_the_webhook_block_gives_up_on_a_slow_answer_after_its_timeout(endless):
+    from flows.alert_block import ConvflowWebhook, WebhookFailed
+
+    _Endless.drip = True
+    block = ConvflowWebhook(name="t", url=endless, json_data={"text": "{{body}}"},
+                            allow_private_urls=True, timeout=2)
+    start = time.monotonic()
+    with pytest.raises(WebhookFailed, match="took over 2 s in all"):
+        block.notify("convflow alert: slow")
+    assert time.monotonic() - start < 4
+    assert hung_up(5)[1] < 4 and _Endless.received == ["convflow alert: slow"]
+
+
+def test_the_server_alerts_an_endless_webhook_and_hangs_up(prefect_api, endless):
+    """Through the real server, which imports the block from convflow's entry point."""
+    from flows.alerts import setup_automation
+
+    automation = setup_automation(webhook=endless, name="convflow-alerts-endless")
+    try:
+        time.sleep(2)  # the server's trigger service picks the automation up
+        name = crash_a_run()
+        _drain_to_api()
+        sent, seconds = hung_up()
+        assert [t for t in _Endless.received if f"(run {name})" in t], _Endless.received
+        assert sent < ENDLESS // 8 and seconds < 5, (sent, seconds)
+    finally:
+        automation.delete()
+
+
+def test_prefect_cloud_gets_prefects_own_webhook_block():
+    """Prefect Cloud cannot import convflow's block; a server of ours can."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.alert_block import ConvflowWebhook
+    from flows.alerts import webhook_class
+
+    cloud = "https://api.prefect.cloud/api/accounts/a/workspaces/w"
+    with temporary_settings(updates={PREFECT_API_URL: cloud}):
+        assert webhook_class() is CustomWebhookNotificationBlock
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        assert webhook_class() is ConvflowWebhook
