@@ -31,7 +31,7 @@ def test_seed_net_layers_and_parameter_count() -> None:
     shapes = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape[1:])))
              for m in (*trunk.features, *trunk.classifier)]
-    model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    trunk(model[0](torch.zeros(2, 3, 32, 32, dtype=torch.uint8)))  # unfolded: every layer
     for h in hooks:
         h.remove()
     # conv, pool, ReLU (pool first: the same function, see the next test)
@@ -47,11 +47,17 @@ def test_seed_net_layers_and_parameter_count() -> None:
     assert trainable(model) == 62_038
 
 
+class _Contiguous(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous()
+
+
 def _tutorial_net(seed: nn.Module) -> nn.Sequential:
-    """The tutorial's layer order (conv, ReLU, nn.MaxPool2d) with ``seed``'s weights."""
+    """The tutorial's layer order (conv, ReLU, nn.MaxPool2d) with ``seed``'s weights; its
+    BatchNorm on NCHW as the seed net's (a layout, not a function, choice)."""
     f, c = seed.features, seed.classifier
     return nn.Sequential(f[0], nn.ReLU(), nn.MaxPool2d(2), f[3], nn.ReLU(), nn.MaxPool2d(2),
-                         f[6], c)
+                         _Contiguous(), f[6], c)
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
@@ -59,16 +65,16 @@ def _tutorial_net(seed: nn.Module) -> nn.Sequential:
 def test_seed_net_is_the_tutorials_function_and_gradients(channels_last: bool,
                                                            bf16: bool) -> None:
     """Pooling before the ReLU (and the first pool in float32 under the CPU's bf16
-    autocast, ``MaxPool2dF32``) changes no value and no gradient, bit for bit."""
+    autocast, ``MaxPool2dF32``) changes no value and no gradient, bit for bit (the trunk,
+    on normalised input; the folded normalisation is the next test's)."""
     torch.manual_seed(0)
     model = build_model("seed_net", 10, MEAN, STD)
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8).contiguous(
-        memory_format=layout)
+    x = model[0](torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8).contiguous(
+        memory_format=layout))
     y = torch.randint(0, 10, (16,))
-    tutorial = nn.Sequential(model[0], _tutorial_net(model[1]))
     grads = []
-    for net in (model, tutorial):
+    for net in (model[1], _tutorial_net(model[1])):
         net.zero_grad()
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             out = net(x)
@@ -95,6 +101,35 @@ def test_float32_pool_of_bf16_is_exact_ties_included() -> None:
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_normalisation_folded_into_the_first_conv(channels_last: bool, bf16: bool) -> None:
+    """A uint8 batch goes straight into the first conv with ``InputNorm`` folded into its
+    weights: the same outputs and gradients as normalising first, up to rounding; under
+    bf16 autocast (where the folded gradient would lose precision) not folded at all."""
+    torch.manual_seed(0)
+    model = build_model("seed_net", 10, MEAN, STD)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8).contiguous(
+        memory_format=layout)
+    y = torch.randint(0, 10, (16,))
+    results = []
+    for run in (model, lambda u: model[1](model[0](u))):
+        model.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            out = run(x)
+            nn.functional.cross_entropy(out.float(), y).backward()
+        results.append((out.detach().float(), [p.grad.clone() for p in model.parameters()]))
+    if bf16:
+        assert torch.equal(results[0][0], results[1][0])
+        assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max())
+    weight, bias = model[0].fold(model[1].features[0])
+    assert weight.shape == (6, 3, 5, 5) and bias.shape == (6,)
+
+
 def test_input_norm_channels_last_is_bit_identical() -> None:
     norm = build_model("seed_net", 10, MEAN, STD)[0]
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
@@ -110,7 +145,7 @@ def test_input_norm_makes_the_model_take_raw_uint8() -> None:
         1, 3, 1, 1)
     assert torch.allclose(model[0](x), scaled)
     model.eval()
-    assert torch.equal(model(x), model[1](scaled))
+    assert torch.allclose(model(x), model[1](scaled), rtol=1e-4, atol=1e-5)  # folded
     assert {"0.mean", "0.std"} <= set(model.state_dict())  # saved with the weights
 
 
