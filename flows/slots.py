@@ -1,12 +1,10 @@
 """Resource slots: Prefect global concurrency limits held by every flow that trains.
 
-Whoever starts a training stage (the pipeline flow, each sweep point, a served schedule, a
-worker run) holds a lease while it runs, so two runs never train on the same GPU at once.
-The Prefect server keeps the count, so the limit holds across processes and machines.
-Leases are released when the block ends (success, failure, timeout, cancellation) and, if
-the holder is killed outright, lapse after ``CONVFLOW_LEASE_S``. They survive a server
-restart only where the server keeps them on disk (``PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE``
-set to :data:`DISK_LEASES`); a run that waits says when the server keeps them in memory.
+Whoever starts a training stage (flow, sweep point, schedule, worker run) holds a lease
+while it runs, so two runs never train on the same GPU at once; the Prefect server keeps
+the count across processes and machines. Leases end with the block, or lapse after
+``CONVFLOW_LEASE_S`` if the holder is killed; they survive a server restart only where it
+keeps them on disk (:data:`DISK_LEASES`), which a waiting run advises.
 
 * On a machine with devices (``CONVFLOW_DEVICES``, else what torch sees), a run leases one
   device of that machine: the limit ``<slot>:<host>:<device>`` of size 1, and its stages
@@ -14,8 +12,7 @@ set to :data:`DISK_LEASES`); a run that waits says when the server keeps them in
 * On a machine without, a run holds one slot of the team-wide limit ``<slot>``.
 
 Configured by environment (``CONVFLOW_SLOT``, ``CONVFLOW_DEVICES``, ``CONVFLOW_SLOT_*``,
-``CONVFLOW_LEASE_S``), so deployments, workers and ``serve`` share it: the table in
-docs/unattended.md ("Resource slots") says what each means and its default.
+``CONVFLOW_LEASE_S``) for deployments, workers and ``serve`` alike: docs/unattended.md.
 """
 
 from __future__ import annotations
@@ -87,12 +84,18 @@ def check_settings() -> None:
         _env_s(name, 0.0)
 
 
-def _clock() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+def _clock(at: float | None = None) -> str:
+    return datetime.fromtimestamp(at or time.time(), timezone.utc).strftime("%F %T UTC")
+
+
+#: Files a loaded GPU driver leaves (NVIDIA, ROCm, WSL); with none, torch sees no device.
+GPU_DRIVER_FILES = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
 
 
 @lru_cache(maxsize=1)
 def _torch_devices() -> int:
+    if not any(map(os.path.exists, GPU_DRIVER_FILES)):  # importing torch: ~1.3 s of CPU
+        return 0
     try:
         import torch
     except ImportError:
@@ -109,8 +112,7 @@ def gpu_ids() -> list[str]:
     return [str(i) for i in range(_torch_devices())]
 
 
-def machine() -> str:
-    """This machine's name in its device limits (the host name)."""
+def machine() -> str:  # this machine's name in its device limits
     return socket.gethostname().translate(_BANNED) or "localhost"
 
 
@@ -152,8 +154,7 @@ def ensure_limit(name: str, size: int | None = None) -> Any:
         return client.read_global_concurrency_limit_by_name(name)
 
 
-def _in_use(names: list[str]) -> str:
-    """``N/M in use`` over the limits ``names``, read now."""
+def _in_use(names: list[str]) -> str:  # "N/M in use" over the limits, read now
     limits = [ensure_limit(n) for n in names]
     return f"{sum(lim.active_slots for lim in limits)}/{sum(lim.limit for lim in limits)} in use"
 
@@ -161,10 +162,9 @@ def _in_use(names: list[str]) -> str:
 def _notice(log: Any, what: str, names: list[str], label: str) -> threading.Timer:
     """A timer that logs, once, that ``what`` waits, how full the limits are and until when."""
     def say() -> None:
-        give_up = datetime.fromtimestamp(time.time() + _env_s("CONVFLOW_SLOT_WAIT_S",
-                                                               MAX_WAIT_S), timezone.utc)
+        give_up = time.time() + _env_s("CONVFLOW_SLOT_WAIT_S", MAX_WAIT_S)
         log.info("%s waits for %s (%s) since %s; gives up at %s", what, label, _in_use(names),
-                 _clock(), give_up.strftime("%Y-%m-%d %H:%M:%S UTC"))
+                 _clock(), _clock(give_up))
         storage = server_lease_storage()
         if storage is not None and storage != DISK_LEASES:
             log.warning("the Prefect server keeps leases in %s: a restart strands the slots "

@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 import urllib.error
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import dvc, git, init_and_commit
+from conftest import PROJECT, dvc, git, init_and_commit
 
 from flows import publish, registry, results_branch, slots
 from flows.runner import StageFailed
@@ -633,6 +634,22 @@ def test_devices_come_from_the_first_variable_set(no_slot_env: pytest.MonkeyPatc
     no_slot_env.delenv("CONVFLOW_DEVICES")
     no_slot_env.setenv("CUDA_VISIBLE_DEVICES", "-1")
     assert slots.gpu_ids() == []
+
+
+def test_without_a_gpu_driver_torch_is_not_asked(tmp_path: Path) -> None:
+    """A flow run on a CPU machine does not pay torch's import (~1.3 s) to learn it has no GPU;
+    with a driver's file present, torch is asked."""
+    code = ("import sys; from flows import slots; slots.GPU_DRIVER_FILES = (sys.argv[1],); "
+            "print(slots.gpu_ids(), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CONVFLOW_DEVICES", "CUDA_VISIBLE_DEVICES")}
+    ask = [sys.executable, "-c", code]
+    absent = subprocess.run([*ask, str(tmp_path / "none")], env=env, cwd=PROJECT,
+                            capture_output=True, text=True, check=True)
+    assert absent.stdout.split() == ["[]", "False"]
+    present = subprocess.run([*ask, str(tmp_path)], env=env, cwd=PROJECT,
+                             capture_output=True, text=True, check=True)
+    assert present.stdout.split()[-1] == "True"
 
 
 def test_a_device_limit_names_slot_host_and_device(no_slot_env: pytest.MonkeyPatch) -> None:
