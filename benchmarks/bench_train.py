@@ -41,10 +41,13 @@ from stages.params import TrainParams  # noqa: E402
 SHARED_JPEG = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 CACHE = ROOT / "bench-out" / "cifar10-jpeg.npz"
 
-#: The documented CPU recipe for the seed net: the params.yaml defaults (README.md,
-#: "Training"); ``--set batch_size=512 lr=0.006`` is its faster variant. Its epochs are
-#: fitted to the budget from a short calibration run.
-CPU_RECIPE = dict(model="seed_net", batch_size=256, optimizer="adam", lr=0.004,
+#: The CPU recipe for the seed net on the 50,000 CIFAR-10 images: the params.yaml defaults
+#: at batch 1,024 with 3x their lr (issue 22: ~12 % more images per CPU second than 256 on
+#: the AVX2 path, ~21 % under bf16, and higher test accuracy in the same budget).
+#: params.yaml keeps 256: its 9,000-image synthetic default would get 8 steps an epoch
+#: (test accuracy 92.8 -> 85.1 %). ``--set batch_size=256 lr=0.004`` runs the defaults.
+#: Its epochs are fitted to the budget from a short calibration run.
+CPU_RECIPE = dict(model="seed_net", batch_size=1024, optimizer="adam", lr=0.012,
                   weight_decay=5e-4, schedule="onecycle", label_smoothing=0.1,
                   augment_flip=True, augment_crop=2, precision="auto", channels_last="on",
                   compile="off", seed=0, log_every=50)
@@ -84,14 +87,16 @@ def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
 def _calibrate(train_x: np.ndarray, train_y: np.ndarray, recipe: dict, device: torch.device,
                data: Dataset, budget: float, nproc: int) -> int:
     """Epochs that fit in ``budget``, from the loop's images/s on a slice of the data."""
-    probe = Dataset(train_x[:8192], train_y[:8192], data.val_x, data.val_y, data.classes,
+    # at least 16 steps: fewer would weigh the run's setup as a slower loop
+    n = min(len(train_x), max(8192, 16 * recipe["batch_size"]))
+    probe = Dataset(train_x[:n], train_y[:n], data.val_x, data.val_y, data.classes,
                     data.mean, data.std)
     rate = 0.0
     # twice, keeping the faster: a neighbour's burst of CPU use should not halve the run
     for _ in range(2):
         t0 = time.perf_counter()
         fit(TrainParams(**{**recipe, "epochs": 1}), probe, device)
-        seen = 8192 // recipe["batch_size"] * recipe["batch_size"]
+        seen = n // recipe["batch_size"] * recipe["batch_size"]
         rate = max(rate, seen / (time.perf_counter() - t0))
     rate *= nproc  # each process trains its share of every batch on its own threads
     # 15 % margin: the probe is short and a shared machine's speed drifts during a run
