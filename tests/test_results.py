@@ -21,6 +21,9 @@ from conftest import dvc, git, make_pipeline_repo, ran_stages, write_params
 FIGURES = {"loss_history", "accuracy", "train_images", "test_predictions", "kernels",
            "max_pooling", "confusion_matrix", "filters", "most_confident_wrong"}
 UP_TO_DATE = "Data and pipelines are up to date."
+#: the module's seven tests run the whole tiny pipeline four times and two experiments, one
+#: after another in one group (~70 s of CPU, the fast tier's longest chain): CI runs them
+pytestmark = pytest.mark.slow
 
 
 def md5(path: Path) -> str:
