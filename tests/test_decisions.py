@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import PROJECT, dvc, git, init_and_commit
+from test_decisions_flows import registry_dvc_yaml, set_identity
 
 from flows import publish, registry, results_branch, slots
 from flows.runner import StageFailed
@@ -672,25 +673,13 @@ def test_a_pool_hands_out_each_device_once_at_a_time() -> None:
 
 
 # ------------------------------------------------------------------------------- registry
-REGISTRY_DVC_YAML = """\
-vars:
-  - paths:
-      metrics: metrics
-      production: production.yaml
-stages: {}
-artifacts:
-  cifar-cnn:
-    path: models/model.pt
-    type: model
-"""
+REGISTRY_DVC_YAML = registry_dvc_yaml("cifar-cnn", "models/model.pt")
 
 
 @pytest.fixture
 def registry_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A git repository with a model artifact; ``_run(repo, md5, acc)`` commits a run."""
-    for var in ("AUTHOR", "COMMITTER"):
-        monkeypatch.setenv(f"GIT_{var}_NAME", "convflow-test")
-        monkeypatch.setenv(f"GIT_{var}_EMAIL", "test@convflow.invalid")
+    set_identity(monkeypatch)
     repo = tmp_path / "repo"
     (repo / "metrics").mkdir(parents=True)
     (repo / "dvc.yaml").write_text(REGISTRY_DVC_YAML)

@@ -35,17 +35,13 @@ class _Log:
 
 
 # ------------------------------------------------------------------------------- registry
-_DVC_YAML = """\
-vars:
-  - paths:
-      metrics: metrics
-      production: production.yaml
-stages: {}
-artifacts:
-  net-a:
-    path: models/net-a.pt
-    type: model
-"""
+def registry_dvc_yaml(artifact: str = "net-a", path: str = "models/net-a.pt") -> str:
+    """A dvc.yaml with no stages that declares one model artifact (what GTO reads)."""
+    return ("vars:\n  - paths:\n      metrics: metrics\n      production: production.yaml\n"
+            f"stages: {{}}\nartifacts:\n  {artifact}:\n    path: {path}\n    type: model\n")
+
+
+_DVC_YAML = registry_dvc_yaml()
 
 
 @pytest.fixture
@@ -53,12 +49,17 @@ def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return make_repo(tmp_path, monkeypatch)
 
 
-def make_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A git repository with the model artifact ``net-a``, one run committed; the tests run
-    from a folder that is no repository, so the repository is always the one named."""
+def set_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The git author and committer of the commits a test makes in-process."""
     for var in ("AUTHOR", "COMMITTER"):
         monkeypatch.setenv(f"GIT_{var}_NAME", "convflow-test")
         monkeypatch.setenv(f"GIT_{var}_EMAIL", "test@convflow.invalid")
+
+
+def make_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A git repository with the model artifact ``net-a``, one run committed; the tests run
+    from a folder that is no repository, so the repository is always the one named."""
+    set_identity(monkeypatch)
     root = tmp_path / "repo"
     (root / "metrics").mkdir(parents=True)
     (root / "dvc.yaml").write_text(_DVC_YAML)
@@ -66,11 +67,17 @@ def make_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
                                                             "md5": "a" * 32}]}}}
     (root / "dvc.lock").write_text(yaml.safe_dump(lock))
     (root / "metrics" / "evaluate.json").write_text(json.dumps({"test": {"accuracy": 0.75}}))
+    return commit_run(root, monkeypatch)
+
+
+def commit_run(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``root`` as a git repository on main with one commit; the test then runs from a
+    sibling folder that is no repository."""
     git(root, "init", "-q", "-b", "main")
     git(root, "add", "-A")
     git(root, "commit", "-qm", "run")
-    (tmp_path / "elsewhere").mkdir()
-    monkeypatch.chdir(tmp_path / "elsewhere")
+    (root.parent / "elsewhere").mkdir()
+    monkeypatch.chdir(root.parent / "elsewhere")
     return root
 
 

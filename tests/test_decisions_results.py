@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import git
+from test_decisions_flows import commit_run
 
 from flows import results_branch
 from flows.results_branch import PublishError, publish_results
@@ -33,12 +34,7 @@ def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     lock = {"schema": "2.0", "stages": {"evaluate": {"outs": [{"path": "metrics/evaluate.json"}]}}}
     (root / "dvc.lock").write_text(yaml.safe_dump(lock))
     _change(root, 0.75)
-    git(root, "init", "-q", "-b", "main")
-    git(root, "add", "-A")
-    git(root, "commit", "-qm", "run")
-    (tmp_path / "elsewhere").mkdir()
-    monkeypatch.chdir(tmp_path / "elsewhere")
-    return root
+    return commit_run(root, monkeypatch)
 
 
 def _change(repo: Path, accuracy: float) -> None:
