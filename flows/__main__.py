@@ -221,7 +221,22 @@ def main(argv: list[str] | None = None) -> int:
         lost = server_lost(exc)
         if lost:
             return _fail(lost, SERVER_LOST)
+        bad = _bad_prefect_setting(exc)
+        if bad:
+            return _fail(bad, USER_ERROR)
         raise
+
+
+def _bad_prefect_setting(exc: Exception) -> str | None:
+    """A Prefect setting (environment or profile) its schema refuses, named in one line."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError) or not exc.title.endswith("Settings"):
+        return None
+    first = exc.errors()[0]
+    field = ".".join(str(part) for part in first["loc"])
+    return (f"Prefect setting {exc.title}.{field} = {str(first.get('input'))[:40]!r}: "
+            f"{first['msg']} (see the PREFECT_* environment and `prefect config view`)")
 
 
 def _fail(message: str, status: int) -> int:

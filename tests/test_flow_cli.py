@@ -59,6 +59,10 @@ def test_bad_options_and_sweep_values_are_one_line_before_prefect(tmp_path: Path
     bad_wait = run([sys.executable, "-m", "flows", "run", *root], cwd=PROJECT, check=False,
                    env={**api_env(), "CONVFLOW_SLOT_WAIT_S": "soon"})
     assert_one_line(bad_wait, 2, "CONVFLOW_SLOT_WAIT_S='soon': expected a number of seconds")
+    bad_setting = run([sys.executable, "-m", "flows", "run", *root], cwd=PROJECT, check=False,
+                      env={**api_env(), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "5"})
+    assert_one_line(bad_setting, 2, "FlowsSettings.heartbeat_frequency = '5'",
+                    "greater than or equal to 30")
 
 
 def test_a_stage_user_error_and_a_broken_dvc_yaml_are_one_line(prefect_api, tmp_path) -> None:
