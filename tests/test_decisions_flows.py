@@ -172,6 +172,25 @@ def test_a_run_pushes_its_outputs_before_it_commits(repo: Path,
     assert steps.calls[-1][1][2:] == ("results/mine", "origin")
 
 
+def test_a_run_retries_each_step_twice_10_s_apart_unless_told(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    steps = _Steps(monkeypatch)
+    publish.start_run(repo)
+    publish.finish_run(repo, "pipeline", True, False)
+    assert [(name, options) for name, _, options in steps.calls] == [
+        ("fetch_task", (2, 10.0)), ("pull_task", (2, 10.0)), ("push_task", (2, 10.0))]
+
+
+def test_a_results_commit_names_the_flow_run(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    steps = _Steps(monkeypatch)
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__NAME", "brave-cat")
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", "0b5e7c1d")
+    publish.finish_run(repo, "pipeline", False, True)
+    message = steps.calls[-1][1][1]
+    assert message.startswith("convflow: pipeline run brave-cat (0b5e7c1d) from ")
+    assert "\nFlow run: brave-cat (0b5e7c1d)\n" in message
+
+
 def test_pull_and_push_name_the_remote_and_the_run_cache(
         repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     steps = _Steps(monkeypatch)
