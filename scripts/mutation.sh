@@ -22,7 +22,8 @@ declare -A TESTS=(
   [stages/data_report.py]="tests/test_decisions.py tests/test_decisions_stages.py"
   [stages/sources/safety.py]="tests/test_decisions.py tests/test_decisions_stages.py
                               tests/test_decisions_safety.py tests/test_ingest_cifar10.py"
-  [flows/publish.py]="tests/test_decisions.py tests/test_decisions_flows.py"
+  [flows/publish.py]="tests/test_decisions.py tests/test_decisions_flows.py
+                       tests/test_decisions_publish.py"
   [flows/results_branch.py]="tests/test_decisions.py tests/test_decisions_flows.py
                              tests/test_decisions_results.py"
   [flows/slots.py]="tests/test_decisions.py tests/test_decisions_slots.py"
