@@ -122,7 +122,7 @@ def test_normalisation_folded_into_the_first_conv(channels_last: bool, bf16: boo
         results.append((out.detach().float(), [p.grad.clone() for p in model.parameters()]))
     if bf16:
         assert torch.equal(results[0][0], results[1][0])
-        assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+        assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1], strict=True))
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
     for a, b in zip(results[0][1], results[1][1], strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max())
