@@ -265,8 +265,18 @@ def test_relative_links_resolve() -> None:
     for page in PAGES:
         path = PROJECT / page
         for target in link.findall(path.read_text(encoding="utf-8")):
-            if re.match(r"[a-z]+:", target) or target.startswith("#"):
-                continue  # a URL or an anchor in the same page
-            if not (path.parent / target.split("#")[0]).exists():
+            if re.match(r"[a-z]+:", target):
+                continue  # a URL
+            file, _, anchor = target.partition("#")
+            dest = path.parent / file if file else path
+            if not dest.exists():
                 broken.append(f"{page}: {target}")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{page}: {target} (no such heading)")
     assert not broken, broken
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as -."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(encoding="utf-8"), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
