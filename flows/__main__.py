@@ -267,10 +267,11 @@ def _watched(flow_fn: Any, **kwargs: Any) -> Any:
     """Run ``flow_fn`` tagged for the crash automation, with a quiet console."""
     from prefect import tags
 
-    from flows.crash import WATCHED_TAG, ensure_crash_detection
+    from flows.crash import WATCHED_TAG, end_runs_without_waiting, ensure_crash_detection
 
     quiet_console()
     ensure_crash_detection()
+    end_runs_without_waiting()
     with tags(WATCHED_TAG):
         return flow_fn(**kwargs)
 

@@ -1,5 +1,6 @@
-"""The crash automation's check is cached: a no-op ``python -m flows run`` pays no round
-trip for it while a recent check stands (flows/crash.py), against a real Prefect server."""
+"""What ``python -m flows`` adds to a run for crash detection costs a no-op run little
+(flows/crash.py), against a real Prefect server: the automation's check is cached, and the
+run ends without waiting on Prefect's heartbeat thread."""
 
 from __future__ import annotations
 
@@ -40,3 +41,37 @@ def test_a_recent_check_is_trusted_and_an_expired_one_repeated(prefect_api) -> N
     assert _automation() is None, "the recent check was not trusted"
     _ensure(CONVFLOW_CRASH_CHECK_S="0")
     assert _automation() is not None, "an expired check did not recreate the automation"
+
+
+#: A flow run in a fresh process; prints how long the engine took after the flow's body.
+#: Prefect's heartbeat thread naps in 1-s steps; here each nap is 5 s, so a join waits its
+#: whole 2-s timeout where ``end_runs_without_waiting`` is not in force.
+AFTER_BODY = """
+import sys, time, types
+from prefect import flow, flow_engine
+flow_engine.time = types.SimpleNamespace(**{**vars(time), "sleep": lambda s: time.sleep(5 * s)})
+if sys.argv[1] == "command":
+    from flows.crash import end_runs_without_waiting
+    end_runs_without_waiting()
+    end_runs_without_waiting()  # twice is once
+
+@flow
+def body_end():
+    return time.monotonic()
+
+ended = body_end()
+print(round(time.monotonic() - ended, 2))
+"""
+
+
+def test_a_command_ends_its_run_without_waiting_on_the_heartbeat_thread(prefect_api) -> None:
+    def after_body(mode: str) -> float:
+        proc = subprocess.run([sys.executable, "-c", AFTER_BODY, mode], capture_output=True,
+                              text=True, cwd=Path(__file__).resolve().parents[1], timeout=120,
+                              env={**api_env(), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return float(proc.stdout.split()[-1])
+
+    joined, command = after_body("library"), after_body("command")
+    assert joined >= 1.9  # Prefect's sync engine joined its sleeping heartbeat thread
+    assert command < joined - 1.0, (command, joined)  # python -m flows does not wait on it
