@@ -102,6 +102,7 @@ def served(prefect_api, tmp_path) -> Iterator[dict[str, Any]]:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow  # two served deployments, four runs, one after another (~40 s)
 def test_served_deployment_has_a_schedule_and_a_limit_and_runs_never_overlap(served):
     from prefect.deployments import run_deployment
 
