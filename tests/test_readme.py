@@ -8,6 +8,7 @@ output, the parts that do not depend on timing or random weights are checked.
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import time
@@ -276,6 +277,7 @@ def test_relative_links_resolve() -> None:
     assert not broken, broken
 
 
+@functools.cache  # one read per page, however many links point at it
 def _anchors(page: Path) -> set[str]:
     """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as -."""
     headings = re.findall(r"^#+ (.+)$", page.read_text(encoding="utf-8"), flags=re.M)
