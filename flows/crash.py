@@ -107,27 +107,53 @@ def end_runs_without_waiting() -> None:
 
 
 def _ensure(every: float) -> None:
-    """Create the automation, or replace one with another period."""
-    from prefect.automations import Automation
-    from prefect.client.schemas.objects import StateType
-    from prefect.events.actions import ChangeFlowRunState
+    """Leave exactly one automation, with this period.
+
+    Two commands starting at once against a new server both find none and both create one;
+    a second automation would mark each dead run CRASHED twice (and alert twice). So each
+    creator reads back every automation of that name and all keep the same one (the lowest
+    id with this period), deleting the rest.
+    """
+    from prefect.client.orchestration import get_client
 
     trigger = heartbeat_trigger(every)
-    try:
-        existing = Automation.read(name=CRASH_AUTOMATION)
-    except ValueError:
-        existing = None
-    if existing is not None:
-        old = existing.trigger
-        if (getattr(old, "within", None) == trigger.within
-                and getattr(old, "match_related", None) == trigger.match_related):
-            return
-        existing.delete()
-    Automation(
+    with get_client(sync_client=True) as client:
+        if not _keep_one(client, trigger):
+            client.create_automation(_automation(trigger))
+            _keep_one(client, trigger)
+
+
+def _same_period(automation: object, trigger: object) -> bool:
+    old = getattr(automation, "trigger", None)
+    return (getattr(old, "within", None) == trigger.within
+            and getattr(old, "match_related", None) == trigger.match_related)
+
+
+def _keep_one(client: object, trigger: object) -> bool:
+    """Delete every automation of our name but the first with this period; whether one is left."""
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    found = sorted(client.read_automations_by_name(CRASH_AUTOMATION), key=lambda a: str(a.id))
+    keep = next((a for a in found if _same_period(a, trigger)), None)
+    for automation in found:
+        if automation is not keep:
+            try:
+                client.delete_automation(automation.id)
+            except PrefectHTTPStatusError as err:
+                if err.response.status_code != 404:  # 404: another command deleted it first
+                    raise
+    return keep is not None
+
+
+def _automation(trigger: object) -> object:
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore
+
+    return AutomationCore(
         name=CRASH_AUTOMATION,
         description="Marks a flow run CRASHED when its heartbeats stop (convflow)",
         trigger=trigger,
         actions=[ChangeFlowRunState(state=StateType.CRASHED,
                                     message="no heartbeat: the flow process or its server "
-                                            "went away")],
-    ).create()
+                                            "went away")])

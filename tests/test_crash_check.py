@@ -19,15 +19,26 @@ def _ensure(**env: str) -> None:
                    check=True, timeout=120)
 
 
-def _automation() -> object | None:
-    from prefect.automations import Automation
+def _automations() -> list:
+    from prefect.client.orchestration import get_client
 
     from flows.crash import CRASH_AUTOMATION
 
-    try:
-        return Automation.read(name=CRASH_AUTOMATION)
-    except ValueError:
-        return None
+    with get_client(sync_client=True) as client:
+        return client.read_automations_by_name(CRASH_AUTOMATION)
+
+
+def _delete(found: object) -> None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.delete_automation(found.id)
+
+
+def _automation() -> object | None:
+    (found, *more) = _automations() or [None]
+    assert not more, f"{1 + len(more)} crash automations: each dead run would crash twice"
+    return found
 
 
 def test_a_recent_check_is_trusted_and_an_expired_one_repeated(prefect_api) -> None:
@@ -36,11 +47,22 @@ def test_a_recent_check_is_trusted_and_an_expired_one_repeated(prefect_api) -> N
     _ensure(CONVFLOW_CRASH_CHECK_S="0")
     found = _automation()
     assert found is not None
-    found.delete()
+    _delete(found)
     _ensure()
     assert _automation() is None, "the recent check was not trusted"
     _ensure(CONVFLOW_CRASH_CHECK_S="0")
     assert _automation() is not None, "an expired check did not recreate the automation"
+
+
+def test_commands_racing_on_a_new_server_leave_one_automation(prefect_api) -> None:
+    """Three commands create the automation at once (none exists yet): one is left."""
+    for found in _automations():
+        _delete(found)
+    env = {**api_env(), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30", "CONVFLOW_CRASH_CHECK_S": "0"}
+    procs = [subprocess.Popen([sys.executable, "-c", ENSURE], env=env,
+                              cwd=Path(__file__).resolve().parents[1]) for _ in range(3)]
+    assert [proc.wait(timeout=120) for proc in procs] == [0, 0, 0]
+    assert _automation() is not None
 
 
 #: A flow run in a fresh process; prints how long the engine took after the flow's body.
