@@ -1,4 +1,5 @@
-"""Crashed runs: the Prefect automation that marks a run CRASHED once its heartbeats stop."""
+"""Crashed runs: the Prefect automations that mark a run CRASHED once its heartbeats stop, or
+when it never starts (its machine died while setting it up)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,19 @@ WATCHED_TAG = "convflow-watched"
 #: every ``python -m flows`` command checks it, and a no-op run should not pay a round trip
 #: (and the automations import) for something that changes only when the period does.
 CHECK_TTL_S = 600.0
+#: The one that marks a run CRASHED when it stays PENDING (taken by a worker, not yet
+#: running: cloning, say) for ``CONVFLOW_START_S`` seconds: no heartbeat ever comes for it.
+START_AUTOMATION = "convflow: crash flow runs that never started"
+START_S = 600.0
+_ENDS = {"prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
+         "prefect.flow-run.Crashed"}
 
 
-def _checked_marker(url: str, within_s: float) -> tuple[Path, str]:
+def _checked_marker(url: str, windows: str) -> tuple[Path, str]:
     """The file recording the last successful check (in ``PREFECT_HOME``) and its key."""
     from prefect.settings import get_current_settings
 
-    return Path(get_current_settings().home) / "convflow-crash-check", f"{url} {within_s}"
+    return Path(get_current_settings().home) / "convflow-crash-check", f"{url} {windows}"
 
 
 def _recently_checked(marker: Path, key: str) -> bool:
@@ -34,26 +41,42 @@ def _recently_checked(marker: Path, key: str) -> bool:
         return False
 
 
-def heartbeat_trigger(every_s: float) -> object:
-    """A run tagged ``WATCHED_TAG`` whose next heartbeat (or end) is two periods late."""
+def _watched_trigger(after: str, expect: set[str], within_s: float) -> object:
+    """For each run tagged ``WATCHED_TAG``: after ``after``, none of ``expect`` in time."""
     from datetime import timedelta
 
     from prefect.events.schemas.automations import EventTrigger, Posture
     from prefect.events.schemas.events import ResourceSpecification
 
     return EventTrigger(
-        after={"prefect.flow-run.heartbeat"},
-        expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
-                "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
-                "prefect.flow-run.Crashed"},
+        after={after}, expect=expect | _ENDS,
         match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
         match_related=ResourceSpecification({"prefect.resource.id": f"prefect.tag.{WATCHED_TAG}",
                                              "prefect.resource.role": "tag"}),
-        for_each={"prefect.resource.id"},
-        posture=Posture.Proactive,
-        threshold=1,
-        within=timedelta(seconds=2 * max(every_s, 30) + 10),  # Prefect allows no period < 30 s
-    )
+        for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+        within=timedelta(seconds=within_s))
+
+
+def heartbeat_trigger(every_s: float) -> object:
+    """A watched run whose next heartbeat (or end) is two periods late."""
+    beat = "prefect.flow-run.heartbeat"  # Prefect allows no period < 30 s
+    return _watched_trigger(beat, {beat}, 2 * max(every_s, 30) + 10)
+
+
+def start_trigger(within_s: float) -> object:
+    """A watched run still PENDING ``within_s`` seconds after a worker took it."""
+    return _watched_trigger("prefect.flow-run.Pending", {"prefect.flow-run.Running",
+                                                         "prefect.flow-run.heartbeat"}, within_s)
+
+
+def _automations(every_s: float) -> list[tuple[str, object, str]]:
+    """(name, trigger, the CRASHED state's message) of each automation."""
+    start_s = max(float(os.environ.get("CONVFLOW_START_S", START_S)), 10)  # Prefect's least
+    return [(CRASH_AUTOMATION, heartbeat_trigger(every_s),
+             "no heartbeat: the flow process or its server went away"),
+            (START_AUTOMATION, start_trigger(start_s),
+             f"never started: still PENDING after {start_s:g} s, its worker or machine went "
+             "away while setting it up (CONVFLOW_START_S)")]
 
 
 def ensure_crash_detection() -> None:
@@ -63,7 +86,8 @@ def ensure_crash_detection() -> None:
     ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` seconds; this automation changes a run tagged
     ``WATCHED_TAG`` whose next heartbeat (or end) does not come within two periods to
     CRASHED. So a run whose process was killed, or that lost the server, does not stay
-    RUNNING: the server marks it as soon as it is up and the period has passed. Created
+    RUNNING: the server marks it as soon as it is up and the period has passed. A second one
+    marks a run that never starts (``START_AUTOMATION``), which sends no heartbeat. Created
     once per server, replaced if the period changed; checked at most every
     ``CHECK_TTL_S`` seconds per server and ``PREFECT_HOME``.
     """
@@ -72,7 +96,8 @@ def ensure_crash_detection() -> None:
     every, url = get_current_settings().flows.heartbeat_frequency, api_url()
     if not every or not url:
         return  # heartbeats off, or a temporary server that ends with this process
-    marker, key = _checked_marker(url, 2 * max(every, 30) + 10)
+    marker, key = _checked_marker(url, repr([(n, str(t.within)) for n, t, _ in
+                                             _automations(every)]))
     if _recently_checked(marker, key):
         return
     _ensure(every)
@@ -107,34 +132,34 @@ def end_runs_without_waiting() -> None:
 
 
 def _ensure(every: float) -> None:
-    """Leave exactly one automation, with this period.
+    """Leave exactly one of each automation, with these windows.
 
     Two commands starting at once against a new server both find none and both create one;
     a second automation would mark each dead run CRASHED twice (and alert twice). So each
     creator reads back every automation of that name and all keep the same one (the lowest
-    id with this period), deleting the rest.
+    id with this window), deleting the rest.
     """
     from prefect.client.orchestration import get_client
 
-    trigger = heartbeat_trigger(every)
     with get_client(sync_client=True) as client:
-        if not _keep_one(client, trigger):
-            client.create_automation(_automation(trigger))
-            _keep_one(client, trigger)
+        for name, trigger, message in _automations(every):
+            if not _keep_one(client, name, trigger):
+                client.create_automation(_automation(name, trigger, message))
+                _keep_one(client, name, trigger)
 
 
-def _same_period(automation: object, trigger: object) -> bool:
+def _same_window(automation: object, trigger: object) -> bool:
     old = getattr(automation, "trigger", None)
     return (getattr(old, "within", None) == trigger.within
             and getattr(old, "match_related", None) == trigger.match_related)
 
 
-def _keep_one(client: object, trigger: object) -> bool:
-    """Delete every automation of our name but the first with this period; whether one is left."""
+def _keep_one(client: object, name: str, trigger: object) -> bool:
+    """Delete every automation ``name`` but the first with this window; whether one is left."""
     from prefect.exceptions import PrefectHTTPStatusError
 
-    found = sorted(client.read_automations_by_name(CRASH_AUTOMATION), key=lambda a: str(a.id))
-    keep = next((a for a in found if _same_period(a, trigger)), None)
+    found = sorted(client.read_automations_by_name(name), key=lambda a: str(a.id))
+    keep = next((a for a in found if _same_window(a, trigger)), None)
     for automation in found:
         if automation is not keep:
             try:
@@ -145,15 +170,10 @@ def _keep_one(client: object, trigger: object) -> bool:
     return keep is not None
 
 
-def _automation(trigger: object) -> object:
+def _automation(name: str, trigger: object, message: str) -> object:
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import AutomationCore
 
-    return AutomationCore(
-        name=CRASH_AUTOMATION,
-        description="Marks a flow run CRASHED when its heartbeats stop (convflow)",
-        trigger=trigger,
-        actions=[ChangeFlowRunState(state=StateType.CRASHED,
-                                    message="no heartbeat: the flow process or its server "
-                                            "went away")])
+    return AutomationCore(name=name, description=f"{message} (convflow)", trigger=trigger,
+                          actions=[ChangeFlowRunState(state=StateType.CRASHED, message=message)])

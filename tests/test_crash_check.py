@@ -97,3 +97,40 @@ def test_a_command_ends_its_run_without_waiting_on_the_heartbeat_thread(prefect_
     joined, command = after_body("library"), after_body("command")
     assert joined >= 1.9  # Prefect's sync engine joined its sleeping heartbeat thread
     assert command < joined - 1.0, (command, joined)  # python -m flows does not wait on it
+
+
+def _watched_run(client: object, name: str) -> object:
+    """A flow run tagged as ``python -m flows`` tags its runs, taken by a worker (PENDING)."""
+    from prefect import flow
+    from prefect.states import Pending
+
+    from flows.crash import WATCHED_TAG
+
+    @flow(name="crash-check-toy")
+    def toy() -> None:
+        pass
+
+    run = client.create_flow_run(toy, name=name, tags=[WATCHED_TAG])
+    client.set_flow_run_state(run.id, Pending())
+    return run
+
+
+def test_a_run_whose_machine_dies_before_it_starts_is_crashed(prefect_api) -> None:
+    """A run left PENDING (its worker died while cloning: no heartbeat ever comes) is CRASHED
+    after CONVFLOW_START_S; one that starts in time is left alone."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    _ensure(CONVFLOW_CRASH_CHECK_S="0", CONVFLOW_START_S="10")
+    with get_client(sync_client=True) as client:
+        stuck, started = _watched_run(client, "stuck"), _watched_run(client, "started")
+        client.set_flow_run_state(started.id, Running())
+        deadline = time.monotonic() + 90
+        while not (state := client.read_flow_run(stuck.id).state).is_crashed():
+            assert time.monotonic() < deadline, f"still {state.type} after 90 s"
+            time.sleep(1)
+        assert "never started: still PENDING after 10 s" in state.message
+        assert client.read_flow_run(started.id).state.is_running()
+    _ensure(CONVFLOW_CRASH_CHECK_S="0")  # back to the default window for the other tests

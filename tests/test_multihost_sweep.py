@@ -56,8 +56,8 @@ def team(cluster: Cluster):  # noqa: F811
     env = subprocess_env()
     env["CONVFLOW_GIT_URL"] = f"file://{origin}"  # a URL: shallow, as https:// would be
     run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=src, env=env)
-    for host in cluster.hosts:
-        host.start_worker(POOL, limit=2)
+    for host in cluster.hosts:  # a point killed before it starts is CRASHED after 90 s
+        host.start_worker(POOL, limit=2, env={"CONVFLOW_START_S": "90"})
     return SimpleNamespace(origin=origin, folder=folder, cluster=cluster)
 
 
