@@ -24,7 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from flows.dvc_adapter import dvc_command, dvc_env
+from flows import dvc_adapter as dvc
+from flows.dvc_adapter import dvc_env
 from flows.runner import StageFailed
 from stages.errors import UserError
 
@@ -122,12 +123,6 @@ def check_branch_name(root: str | Path, branch: str) -> str:
     return branch
 
 
-def _dvc_remote(root: Path) -> str:
-    out = subprocess.run(dvc_command("remote", "default"), cwd=root, env=dvc_env(),
-                         capture_output=True, text=True)
-    return out.stdout.strip() if out.returncode == 0 else ""
-
-
 def preflight(root: str | Path, *, pull: bool, push: bool, commit: bool,
               branch: str | None, promote: str | None) -> None:
     """Refuse, before any work, a run that could not ship what it makes."""
@@ -142,6 +137,6 @@ def preflight(root: str | Path, *, pull: bool, push: bool, commit: bool,
         if not _has_origin(root):
             raise UserError(f"results branch {branch!r} is pushed to git remote "
                             f"'{GIT_REMOTE}', and this repository has none")
-    if (pull or push) and not _dvc_remote(root):
+    if (pull or push) and not dvc.default_remote(root):
         raise UserError("no default DVC remote to pull from or push to: "
                         "dvc remote add -d <name> <url>")

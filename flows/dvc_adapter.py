@@ -149,6 +149,13 @@ def forget(root: str | Path) -> None:
         repo.close()
 
 
+def default_remote(root: str | Path) -> str:
+    """The default DVC remote's name, '' if none: what ``dvc remote default`` prints, without
+    its process (~0.4 s of CPU each run)."""
+    with _internals("Repo.config['core']"):
+        return _repo(root).config["core"].get("remote") or ""
+
+
 def stages_in_order(root: str | Path) -> list[StageNode]:
     """The pipeline stages in the order ``dvc repro`` runs them, with their upstream stages."""
     with _internals("the stage graph (Repo.index.graph, plan_repro)"), _in_dir(root):

@@ -112,3 +112,10 @@ def test_a_mismatch_names_the_installed_version() -> None:
     message = str(adapter.DvcMismatch("the stage graph: AttributeError: gone"))
     assert message == (f"installed DVC {adapter.dvc_version()} no longer fits convflow's "
                        "adapter: the stage graph: AttributeError: gone")
+
+
+def test_default_remote_is_what_dvc_remote_default_prints(repo: Path) -> None:
+    assert adapter.default_remote(repo) == ""
+    dvc(repo, "remote", "add", "-d", "store", str(repo.parent / "store"))
+    adapter.forget(repo)
+    assert adapter.default_remote(repo) == dvc(repo, "remote", "default").stdout.strip() == "store"
