@@ -6,7 +6,9 @@ Every 0.2 s it reads each process's CPU time (user + system) and command line; a
 CPU is the last value seen (processes that were running before count only what they used
 meanwhile, in a row of their own). Processes that live less than 0.2 s are missed (git's, mostly).
 The rows group processes by kind (a stage, ``dvc``, a Prefect server, a flow run, ...), with
-their count and CPU seconds, largest first. Linux only.
+their count and CPU seconds, largest first. With ``--by-test`` they group by the test file
+that started them instead (pytest's ``PYTEST_CURRENT_TEST``, which subprocesses inherit;
+the pytest processes' own CPU stays in a row of their own). Linux only.
 """
 
 from __future__ import annotations
@@ -37,9 +39,18 @@ KINDS = [
 ]
 
 
+def _test_file(pid: str) -> str:
+    """The test file whose run started process ``pid`` ('' if none did)."""
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        for var in f.read().split(b"\0"):
+            if var.startswith(b"PYTEST_CURRENT_TEST="):
+                return var.split(b"=", 1)[1].decode(errors="replace").split("::")[0]
+    return ""
+
+
 def sample(seen: dict[tuple[int, int], list], me: int) -> None:
-    """One pass over /proc: each process's command, CPU ticks at start (0 for a new one)
-    and latest."""
+    """One pass over /proc: each process's command, CPU ticks at start (0 for a new one),
+    latest, and the test file that started it."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me:
             continue
@@ -54,7 +65,8 @@ def sample(seen: dict[tuple[int, int], list], me: int) -> None:
                 continue
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-            seen[key] = [cmd or stat[stat.index("(") + 1:stat.rindex(")")], 0, ticks]
+            seen[key] = [cmd or stat[stat.index("(") + 1:stat.rindex(")")], 0, ticks,
+                         _test_file(entry)]
         except (OSError, ValueError, IndexError):
             continue  # it ended between listdir and open
 
@@ -67,11 +79,14 @@ def kind_of(cmd: str) -> str:
     return module.group(1) if module else "other"
 
 
-def summarize(seen: dict[tuple[int, int], list]) -> list[dict]:
+def summarize(seen: dict[tuple[int, int], list], by_test: bool = False) -> list[dict]:
     rows: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-    for cmd, first, last in seen.values():
+    for cmd, first, last, test in seen.values():
         if last > first:
-            row = rows["already running (the system's)" if first else kind_of(cmd)]
+            kind = kind_of(cmd)
+            if by_test and kind != "pytest-xdist worker":
+                kind = test or "(no test: " + kind + ")"
+            row = rows["already running (the system's)" if first else kind]
             row[0] += 1
             row[1] += (last - first) / TICK
     return [{"kind": k, "processes": n, "cpu_s": round(c, 1)}
@@ -87,6 +102,8 @@ def _cpu_model() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the rows and totals here")
+    parser.add_argument("--by-test", action="store_true",
+                        help="group by the test file that started each process")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command")
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -102,7 +119,7 @@ def main() -> int:
         sample(seen, os.getpid())
         time.sleep(0.2)
     wall = time.monotonic() - start
-    rows = summarize(seen)
+    rows = summarize(seen, args.by_test)
     total = round(sum(r["cpu_s"] for r in rows), 1)
     for row in rows:
         print(f"{row['cpu_s']:8.1f} s {row['processes']:6d}  {row['kind']}")
