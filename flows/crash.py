@@ -3,11 +3,10 @@ when it never starts (its machine died while setting it up)."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
-from flows.runner import api_url
+from flows.runner import api_url, env_seconds
 
 #: The Prefect automation that marks a run CRASHED once its heartbeats stop.
 CRASH_AUTOMATION = "convflow: crash flow runs whose heartbeats stopped"
@@ -34,7 +33,7 @@ def _checked_marker(url: str, windows: str) -> tuple[Path, str]:
 
 
 def _recently_checked(marker: Path, key: str) -> bool:
-    ttl = float(os.environ.get("CONVFLOW_CRASH_CHECK_S", CHECK_TTL_S))
+    ttl = env_seconds("CONVFLOW_CRASH_CHECK_S", CHECK_TTL_S)
     try:
         return (marker.read_text() == key and time.time() - marker.stat().st_mtime < ttl)
     except OSError:
@@ -71,7 +70,7 @@ def start_trigger(within_s: float) -> object:
 
 def _automations(every_s: float) -> list[tuple[str, object, str]]:
     """(name, trigger, the CRASHED state's message) of each automation."""
-    start_s = max(float(os.environ.get("CONVFLOW_START_S", START_S)), 10)  # Prefect's least
+    start_s = max(env_seconds("CONVFLOW_START_S", START_S), 10)  # Prefect's least
     return [(CRASH_AUTOMATION, heartbeat_trigger(every_s),
              "no heartbeat: the flow process or its server went away"),
             (START_AUTOMATION, start_trigger(start_s),

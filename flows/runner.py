@@ -63,6 +63,20 @@ class StageFailed(RuntimeError):
                 (self.stage, self.message, self.returncode, self.transient, self.kind))
 
 
+def env_seconds(name: str, default: float) -> float:
+    """A number of seconds from the environment; a malformed one is a one-line UserError."""
+    from stages.errors import UserError
+
+    raw = os.environ.get(name)
+    try:
+        value = default if raw is None else float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise UserError(f"{name}={raw[:40]!r}: expected a number of seconds, 0 or more")
+    return value
+
+
 def command_status(output: str, dvc_status: int | None) -> int | None:
     """The stage command's own exit status, from DVC's "failed to run: ..., exited with N"."""
     found = _CMD_STATUS.findall(output)

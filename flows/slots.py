@@ -29,6 +29,8 @@ from functools import lru_cache
 from typing import Any
 from uuid import UUID
 
+from flows.runner import env_seconds
+
 DEFAULT_SLOT = "convflow-gpu"
 #: Seconds a killed holder's lease lasts (renewed while alive); Prefect refuses shorter ones.
 LEASE_S = 60.0
@@ -61,27 +63,15 @@ def slot_stages() -> set[str]:
 
 def lease_s() -> float:
     """Seconds a lease outlives a killed holder (``CONVFLOW_LEASE_S``, at least Prefect's 60)."""
-    return max(LEASE_S, _env_s("CONVFLOW_LEASE_S", LEASE_S))
-
-
-def _env_s(name: str, default: float) -> float:
-    """A number of seconds from the environment; a malformed one is a one-line UserError."""
-    from stages.errors import UserError
-
-    raw = os.environ.get(name)
-    try:
-        value = default if raw is None else float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise UserError(f"{name}={raw[:40]!r}: expected a number of seconds, 0 or more")
-    return value
+    return max(LEASE_S, env_seconds("CONVFLOW_LEASE_S", LEASE_S))
 
 
 def check_settings() -> None:
-    """Refuse a malformed slot setting now, before any run starts (one line, exit 2)."""
-    for name in ("CONVFLOW_LEASE_S", "CONVFLOW_SLOT_WAIT_S", "CONVFLOW_SLOT_NOTICE_S"):
-        _env_s(name, 0.0)
+    """Refuse a malformed slot or crash-detection setting now, before any run starts (one
+    line, exit 2)."""
+    for name in ("CONVFLOW_LEASE_S", "CONVFLOW_SLOT_WAIT_S", "CONVFLOW_SLOT_NOTICE_S",
+                 "CONVFLOW_START_S", "CONVFLOW_CRASH_CHECK_S"):
+        env_seconds(name, 0.0)
 
 
 def _clock(at: float | None = None) -> str:
@@ -162,7 +152,7 @@ def _in_use(names: list[str]) -> str:  # "N/M in use" over the limits, read now
 def _notice(log: Any, what: str, names: list[str], label: str) -> threading.Timer:
     """A timer that logs, once, that ``what`` waits, how full the limits are and until when."""
     def say() -> None:
-        give_up = time.time() + _env_s("CONVFLOW_SLOT_WAIT_S", MAX_WAIT_S)
+        give_up = time.time() + env_seconds("CONVFLOW_SLOT_WAIT_S", MAX_WAIT_S)
         log.info("%s waits for %s (%s) since %s; gives up at %s", what, label, _in_use(names),
                  _clock(), _clock(give_up))
         storage = server_lease_storage()
@@ -171,7 +161,7 @@ def _notice(log: Any, what: str, names: list[str], label: str) -> threading.Time
                         "held across it; start it with PREFECT_SERVER_CONCURRENCY_LEASE_"
                         "STORAGE=%s", storage.rsplit(".", 1)[-1], DISK_LEASES)
 
-    timer = threading.Timer(_env_s("CONVFLOW_SLOT_NOTICE_S", WAIT_NOTICE_S), say)
+    timer = threading.Timer(env_seconds("CONVFLOW_SLOT_NOTICE_S", WAIT_NOTICE_S), say)
     timer.daemon = True
     timer.start()
     return timer
@@ -187,7 +177,7 @@ def slot(log: Any, what: str) -> Iterator[None]:
         yield
         return
     ensure_limit(name)
-    waited, wait_s = time.monotonic(), _env_s("CONVFLOW_SLOT_WAIT_S", MAX_WAIT_S)
+    waited, wait_s = time.monotonic(), env_seconds("CONVFLOW_SLOT_WAIT_S", MAX_WAIT_S)
     # said only if the wait lasts (a short first try would make Prefect log an error)
     notice = _notice(log, what, [name], f"a slot of '{name}'")
     taken = False
@@ -231,7 +221,7 @@ def _take_any(limits: dict[str, str], what: str) -> tuple[str, UUID]:
     """The first device of ``limits`` that comes free, and its lease; SlotTimeout if none."""
     from prefect.client.orchestration import get_client
 
-    deadline = time.monotonic() + _env_s("CONVFLOW_SLOT_WAIT_S", MAX_WAIT_S)
+    deadline = time.monotonic() + env_seconds("CONVFLOW_SLOT_WAIT_S", MAX_WAIT_S)
     with get_client(sync_client=True) as client:
         while True:
             for device, name in limits.items():
@@ -241,7 +231,7 @@ def _take_any(limits: dict[str, str], what: str) -> tuple[str, UUID]:
             if time.monotonic() >= deadline:
                 raise SlotTimeout(
                     f"{what} found no free device of {machine()} in "
-                    f"{_env_s('CONVFLOW_SLOT_WAIT_S', MAX_WAIT_S):.0f} s "
+                    f"{env_seconds('CONVFLOW_SLOT_WAIT_S', MAX_WAIT_S):.0f} s "
                     f"({_in_use(list(limits.values()))}; CONVFLOW_SLOT_WAIT_S)")
             time.sleep(POLL_S)
 

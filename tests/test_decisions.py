@@ -27,7 +27,7 @@ import yaml
 from conftest import PROJECT, dvc, git, init_and_commit
 from test_decisions_flows import registry_dvc_yaml, set_identity
 
-from flows import publish, registry, results_branch, slots
+from flows import publish, registry, results_branch, runner, slots
 from flows.runner import StageFailed
 from stages.data_report import (
     build_report,
@@ -613,9 +613,9 @@ def test_lease_and_wait_settings(no_slot_env: pytest.MonkeyPatch) -> None:
     assert slots.lease_s() == 60.0
     no_slot_env.setenv("CONVFLOW_LEASE_S", "90.5")
     assert slots.lease_s() == 90.5
-    assert slots._env_s("CONVFLOW_SLOT_WAIT_S", 7.0) == 7.0
+    assert runner.env_seconds("CONVFLOW_SLOT_WAIT_S", 7.0) == 7.0
     no_slot_env.setenv("CONVFLOW_SLOT_WAIT_S", "0")
-    assert slots._env_s("CONVFLOW_SLOT_WAIT_S", 7.0) == 0.0
+    assert runner.env_seconds("CONVFLOW_SLOT_WAIT_S", 7.0) == 0.0
     slots.check_settings()
     for bad in ("-1", "inf", "soon", "nan", "x" * 60):
         no_slot_env.setenv("CONVFLOW_SLOT_NOTICE_S", bad)
@@ -623,6 +623,12 @@ def test_lease_and_wait_settings(no_slot_env: pytest.MonkeyPatch) -> None:
             slots.check_settings()
         assert str(info.value) == (f"CONVFLOW_SLOT_NOTICE_S={bad[:40]!r}: expected a number of "
                                    "seconds, 0 or more")
+    no_slot_env.delenv("CONVFLOW_SLOT_NOTICE_S")
+    for name in ("CONVFLOW_START_S", "CONVFLOW_CRASH_CHECK_S"):  # the crash automations'
+        no_slot_env.setenv(name, "soon")
+        with pytest.raises(UserError, match=f"^{name}='soon': expected a number of seconds"):
+            slots.check_settings()
+        no_slot_env.delenv(name)
 
 
 def test_devices_come_from_the_first_variable_set(no_slot_env: pytest.MonkeyPatch) -> None:
