@@ -105,8 +105,10 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # a zombie waiting for its parent to reap it runs no code
-    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    try:  # a zombie waiting for its parent to reap it runs no code
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except FileNotFoundError:
+        return False  # reaped since the signal test
     return state != "Z"
 
 

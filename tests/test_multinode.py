@@ -96,7 +96,11 @@ def trainer(launcher: subprocess.Popen) -> int | None:
 
 def finish(launchers: list[subprocess.Popen], logs: list[Path]) -> None:
     for proc, log in zip(launchers, logs, strict=True):
-        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+        try:
+            assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+        except subprocess.TimeoutExpired:  # hung: what each machine said last
+            raise AssertionError("torchrun still running after 300 s\n" + "\n".join(
+                f"--- {other}\n{other.read_text()[-2500:]}" for other in logs)) from None
 
 
 def written(hosts: list[Host]) -> Path:
