@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import uuid
 from typing import Any
 
@@ -26,10 +27,11 @@ def _train_stage(code: str, outs: list[str]) -> dict[str, Any]:
     return {"cmd": py_stage(code), "outs": outs}
 
 
-# a 'train' stage that records when it really ran (wall clock)
-# long enough that the run started beside it arrives while it holds the slot
-TIMED_TRAIN = ("import time; t0 = time.time(); time.sleep(6); "
-               "open('times.txt', 'w').write(f'{t0} {time.time()}')")
+# a 'train' stage that records when it really ran (wall clock); it holds on until the test
+# saw the run beside it wait for the slot (GO exists), so a slow start cannot miss it
+TIMED_TRAIN = ("import os, time; t0 = time.time(); [time.sleep(0.1) for _ in iter("
+               "lambda: os.path.exists(go) or time.time() > t0 + 120, True)]; "
+               "time.sleep(1); open('times.txt', 'w').write(f'{t0} {time.time()}')")
 
 
 @pytest.mark.slow  # a real end-to-end run: over ~30 s on 2 cores
@@ -37,15 +39,24 @@ def test_training_stages_share_one_slot_never_overlap_and_free_it(prefect_api, t
     slot = f"test-gpu-{uuid.uuid4().hex[:8]}"
     env = {**api_env(), "CONVFLOW_SLOT": slot, "CONVFLOW_SLOT_SIZE": "1",
            "CONVFLOW_SLOT_NOTICE_S": "0.2", "PREFECT_LOGGING_LEVEL": "INFO"}
-    repos = [make_toy_repo(tmp_path / f"r{i}", {"train": _train_stage(TIMED_TRAIN,
-                                                                        ["times.txt"])})
-             for i in (1, 2)]
+    go = tmp_path / "go"
+    repos = [make_toy_repo(tmp_path / f"r{i}", {"train": _train_stage(
+        f"go = {str(go)!r}; {TIMED_TRAIN}", ["times.txt"])}) for i in (1, 2)]
     # two flow runs, as two processes (as a schedule and a worker would be), started together
+    logs_at = [tmp_path / f"r{i}.log" for i in (1, 2)]
     procs = [subprocess.Popen([sys.executable, "-m", "flows", "run", "--root", str(repo),
                                "--retries", "0"], cwd=PROJECT, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for repo in repos]
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
+                              stdout=log.open("w"), stderr=subprocess.STDOUT)
+             for repo, log in zip(repos, logs_at, strict=True)]
+    deadline = time.monotonic() + 60
+    while not any("waits for a slot" in log.read_text() for log in logs_at):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            break  # the assertions below say what went wrong
+        time.sleep(0.2)
+    go.touch()
+    for proc in procs:
+        proc.wait(timeout=240)
+    outputs = [log.read_text() for log in logs_at]
     assert [p.returncode for p in procs] == [0, 0], outputs
     (a0, a1), (b0, b1) = (map(float, (r / "times.txt").read_text().split()) for r in repos)
     assert a1 <= b0 or b1 <= a0, f"training overlapped: {(a0, a1)} vs {(b0, b1)}"
