@@ -125,9 +125,9 @@ def _latest(runs: list[Any]) -> list[Any]:
 def torchrun_task(root: str, rdzv: Rendezvous, node: int, timeout_s: float | None) -> None:
     """Node ``node`` of the rendezvous: torchrun of the train stage, in its guarded group."""
     log = get_run_logger()
-    from stages.ddp import OUTPUTS_PER_NODE  # each node writes into its own clone
+    from stages.ddp import OUTPUTS_PER_NODE, SEPARATE_STORE  # each node: its own clone
 
-    env = {**dvc.dvc_env(), OUTPUTS_PER_NODE: "1"}
+    env = {**dvc.dvc_env(), OUTPUTS_PER_NODE: "1", SEPARATE_STORE: "1"}
     output, status, timed_out = run_guarded(rdzv.command(Path(root)), Path(root),
                                             f"torchrun node {node}", timeout_s, log, env=env)
     if _TIMEOUT_MARK in output:

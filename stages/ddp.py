@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,22 @@ OUTPUTS_PER_NODE = "CONVFLOW_OUTPUTS_PER_NODE"
 #: The variables a torchrun-style launcher sets for every process it starts.
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
+#: Set where torchrun starts (``=1``): each restart's processes then meet in a store of
+#: their own. By default they share the agents' rendezvous store, whose keys outlive a
+#: restart, so a restarted process can read a dead peer's address and fail to connect
+#: (pytorch/pytorch#135712); seen here as a node-kill test that never finished.
+SEPARATE_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+def shared_store_warning(environ: Mapping[str, str]) -> str | None:
+    """What to tell a user whose torchrun may restart processes into a shared store."""
+    restarts = environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restarts in ("", "0"):
+        return None
+    return (f"torchrun may restart these processes (--max-restarts {restarts}) into the store "
+            f"it shares with them, where a restarted process can read a dead peer's address "
+            f"(pytorch/pytorch#135712): start torchrun with {SEPARATE_STORE}=1")
+
 
 def launched() -> bool:
     """Whether a torchrun-style launcher started this process (its environment contract)."""
@@ -127,6 +143,8 @@ def join_launched(fn: Callable[..., Any], nproc: int, device: torch.device,
     backend = backend_for(device)
     log.info("process %d of %d (local %d), %s backend, rendezvous %s:%s", rank, world, local,
              backend, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+    if (warning := shared_store_warning(os.environ)) and rank == 0:
+        log.warning(warning)
     # the launcher stops a group with SIGTERM when a peer dies; a process blocked in a
     # collective cannot run Python's handler, so it goes at once (outputs are atomic)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

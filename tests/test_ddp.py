@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from train_data import learnable_images, write_processed, write_train_params
 
-from stages.ddp import launch
+from stages.ddp import SEPARATE_STORE, launch, shared_store_warning
 from stages.errors import UserError
 from stages.models import build_model, load_model
 from stages.train import main
@@ -37,6 +37,16 @@ def _fail_on_rank_one() -> None:
         raise UserError("data/processed/train.npz: bad shard")
     dist.barrier()
     dist.all_reduce(torch.ones(1))
+
+
+def test_torchrun_restarting_into_its_shared_store_is_warned_about() -> None:
+    agent = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3"}
+    warning = shared_store_warning(agent)
+    assert warning is not None and f"{SEPARATE_STORE}=1" in warning and "3" in warning
+    # what torchrun sets with the variable: each restart meets in a store of its own
+    assert shared_store_warning({**agent, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert shared_store_warning({**agent, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
+    assert shared_store_warning({}) is None  # train.nproc's own spawn: no agent
 
 
 def test_ddp_names_the_process_that_failed() -> None:

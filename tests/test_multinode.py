@@ -23,6 +23,8 @@ from team_fixtures import descendants
 from test_train_resume import ARGS, outputs
 from train_data import write_processed, write_train_params
 
+from stages.ddp import SEPARATE_STORE
+
 #: Small enough for two cores; four epochs leave room to kill a node mid-run.
 TRAIN = {"epochs": 4, "batch_size": 16, "log_every": 5, "lr": 0.002, "nproc": 2,
          "threads": 1}
@@ -77,7 +79,7 @@ def torchrun(host: Host, leader: Host, restarts: int, log: Path) -> subprocess.P
            "--rdzv-endpoint", f"{leader.address}:{RDZV_PORT}", "--rdzv-id", "convflow-test",
            "--local-addr", host.address, "--max-restarts", str(restarts),
            "-m", "stages.train", *ARGS]
-    env = {"PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": "1",
+    env = {"PYTHONPATH": str(PROJECT), "OMP_NUM_THREADS": "1", SEPARATE_STORE: "1",
            "GLOO_SOCKET_IFNAME": host.veth}  # type: ignore[attr-defined]
     return host.popen(cmd, log, env=env, cwd=host.folder / "repo")
 
@@ -138,5 +140,6 @@ def test_a_node_killed_mid_epoch_restarts_from_the_checkpoint_to_the_same_model(
     finish(launchers, logs)
     text = "".join(log.read_text() for log in logs)
     assert "resuming after epoch" in text, text[-3000:]
+    assert "process 0 of 2" in text and SEPARATE_STORE not in text  # launched as documented
     assert outputs(written(nodes)) == whole
 

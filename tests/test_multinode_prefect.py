@@ -90,6 +90,9 @@ def test_a_multinode_run_trains_on_two_machines_and_publishes_once(team):
     hosts = {name for name, text in logs.items() if str(parent.id) in text}
     hosts |= {name for name, text in logs.items() if str(node.id) in text}
     assert hosts == {"host-1", "host-2"}, "leader and follower ran on the same machine"
+    said = "".join(logs.values())  # torchrun with restarts, each into a store of its own
+    assert "process 0 of 2" in said
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in said, said[-3000:]
 
     laptop = clone(team.origin, team.folder / "laptop")
     branch = "origin/results/gpu-multinode"
