@@ -21,6 +21,8 @@ CHECK_TTL_S = 600.0
 #: running: cloning, say) for ``CONVFLOW_START_S`` seconds: no heartbeat ever comes for it.
 START_AUTOMATION = "convflow: crash flow runs that never started"
 START_S = 600.0
+#: The events that open the heartbeat window (a change here replaces servers' automations).
+HEARTBEAT_AFTER = {"prefect.flow-run.Running", "prefect.flow-run.heartbeat"}
 _ENDS = {"prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
          "prefect.flow-run.Crashed"}
 
@@ -40,15 +42,16 @@ def _recently_checked(marker: Path, key: str) -> bool:
         return False
 
 
-def _watched_trigger(after: str, expect: set[str], within_s: float) -> object:
-    """For each run tagged ``WATCHED_TAG``: after ``after``, none of ``expect`` in time."""
+def _watched_trigger(after: set[str], expect: set[str], within_s: float) -> object:
+    """For each run tagged ``WATCHED_TAG``: after any of ``after``, none of ``expect`` in
+    time."""
     from datetime import timedelta
 
     from prefect.events.schemas.automations import EventTrigger, Posture
     from prefect.events.schemas.events import ResourceSpecification
 
     return EventTrigger(
-        after={after}, expect=expect | _ENDS,
+        after=after, expect=expect | _ENDS,
         match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
         match_related=ResourceSpecification({"prefect.resource.id": f"prefect.tag.{WATCHED_TAG}",
                                              "prefect.resource.role": "tag"}),
@@ -57,14 +60,16 @@ def _watched_trigger(after: str, expect: set[str], within_s: float) -> object:
 
 
 def heartbeat_trigger(every_s: float) -> object:
-    """A watched run whose next heartbeat (or end) is two periods late."""
+    """A watched run whose next heartbeat (or end) is two periods late, the first one too: a
+    run killed between RUNNING and its first heartbeat (a machine dying as it starts) sends
+    none, so the window also opens at RUNNING."""
     beat = "prefect.flow-run.heartbeat"  # Prefect allows no period < 30 s
-    return _watched_trigger(beat, {beat}, 2 * max(every_s, 30) + 10)
+    return _watched_trigger(HEARTBEAT_AFTER, {beat}, 2 * max(every_s, 30) + 10)
 
 
 def start_trigger(within_s: float) -> object:
     """A watched run still PENDING ``within_s`` seconds after a worker took it."""
-    return _watched_trigger("prefect.flow-run.Pending", {"prefect.flow-run.Running",
+    return _watched_trigger({"prefect.flow-run.Pending"}, {"prefect.flow-run.Running",
                                                          "prefect.flow-run.heartbeat"}, within_s)
 
 
@@ -91,7 +96,7 @@ def ensure_crash_detection() -> None:
     CRASHED. So a run whose process was killed, or that lost the server, does not stay
     RUNNING: the server marks it as soon as it is up and the period has passed. A second one
     marks a run that never starts (``START_AUTOMATION``), which sends no heartbeat. Created
-    once per server, replaced if the period changed; checked at most every
+    once per server, replaced if its window or events changed; checked at most every
     ``CHECK_TTL_S`` seconds per server and ``PREFECT_HOME``.
     """
     from prefect.settings import get_current_settings
@@ -100,7 +105,8 @@ def ensure_crash_detection() -> None:
     if not every or not url:
         return  # heartbeats off, or a temporary server that ends with this process
     # the key from the windows alone: a trusted check builds no trigger (no Prefect import)
-    marker, key = _checked_marker(url, f"{2 * max(every, 30) + 10} {_start_s()}")
+    windows = f"{2 * max(every, 30) + 10} {_start_s()} {','.join(sorted(HEARTBEAT_AFTER))}"
+    marker, key = _checked_marker(url, windows)
     if _recently_checked(marker, key):
         return
     _ensure(every)
@@ -152,9 +158,10 @@ def _ensure(every: float) -> None:
 
 
 def _same_window(automation: object, trigger: object) -> bool:
+    """Whether ``automation`` watches as ``trigger`` does (an older version's is replaced)."""
     old = getattr(automation, "trigger", None)
-    return (getattr(old, "within", None) == trigger.within
-            and getattr(old, "match_related", None) == trigger.match_related)
+    return all(getattr(old, field, None) == getattr(trigger, field)
+               for field in ("within", "match_related", "after", "expect"))
 
 
 def _keep_one(client: object, name: str, trigger: object) -> bool:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 from prefect_fixtures import api_env
 
 ENSURE = "from flows.crash import ensure_crash_detection; ensure_crash_detection()"
@@ -118,7 +120,6 @@ def _watched_run(client: object, name: str) -> object:
 def test_a_run_whose_machine_dies_before_it_starts_is_crashed(prefect_api) -> None:
     """A run left PENDING (its worker died while cloning: no heartbeat ever comes) is CRASHED
     after CONVFLOW_START_S; one that starts in time is left alone."""
-    import time
 
     from prefect.client.orchestration import get_client
     from prefect.states import Running
@@ -134,3 +135,40 @@ def test_a_run_whose_machine_dies_before_it_starts_is_crashed(prefect_api) -> No
         assert "never started: still PENDING after 10 s" in state.message
         assert client.read_flow_run(started.id).state.is_running()
     _ensure(CONVFLOW_CRASH_CHECK_S="0")  # back to the default window for the other tests
+
+
+@pytest.mark.slow  # Prefect's least heartbeat window: two 30-s periods and 10 s, ~75 s here
+def test_a_run_killed_before_its_first_heartbeat_is_crashed(prefect_api) -> None:
+    """RUNNING, then its machine dies before the first heartbeat (seen in the multihost kill
+    test): the heartbeat window opens at RUNNING, so it does not stay RUNNING forever."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    _ensure(CONVFLOW_CRASH_CHECK_S="0")
+    with get_client(sync_client=True) as client:
+        run = _watched_run(client, "no-first-beat")
+        client.set_flow_run_state(run.id, Running())
+        deadline = time.monotonic() + 150
+        while not (state := client.read_flow_run(run.id).state).is_crashed():
+            assert time.monotonic() < deadline, f"still {state.type} after 150 s"
+            time.sleep(2)
+        assert state.message.startswith("no heartbeat")
+
+
+def test_an_older_automation_is_replaced_by_this_version(prefect_api) -> None:
+    """A server keeps the automation an older convflow made (its window opened at a heartbeat
+    only): the next check replaces it with one that also opens at RUNNING."""
+    from prefect.client.orchestration import get_client
+
+    from flows.crash import CRASH_AUTOMATION, HEARTBEAT_AFTER, _watched_trigger
+    from flows.crash import _automation as automation
+
+    for found in _automations():
+        _delete(found)
+    beat = "prefect.flow-run.heartbeat"
+    with get_client(sync_client=True) as client:
+        old = _watched_trigger({beat}, {beat}, 70)
+        client.create_automation(automation(CRASH_AUTOMATION, old, "no heartbeat"))
+    _ensure(CONVFLOW_CRASH_CHECK_S="0")
+    found = _automation()
+    assert found is not None and found.trigger.after == HEARTBEAT_AFTER
