@@ -59,12 +59,17 @@ def _watched_trigger(after: set[str], expect: set[str], within_s: float) -> obje
         within=timedelta(seconds=within_s))
 
 
+def _heartbeat_window_s(every_s: float) -> float:
+    """Two heartbeat periods and 10 s (Prefect allows no period < 30 s)."""
+    return 2 * max(every_s, 30) + 10
+
+
 def heartbeat_trigger(every_s: float) -> object:
     """A watched run whose next heartbeat (or end) is two periods late, the first one too: a
     run killed between RUNNING and its first heartbeat (a machine dying as it starts) sends
     none, so the window also opens at RUNNING."""
-    beat = "prefect.flow-run.heartbeat"  # Prefect allows no period < 30 s
-    return _watched_trigger(HEARTBEAT_AFTER, {beat}, 2 * max(every_s, 30) + 10)
+    beat = "prefect.flow-run.heartbeat"
+    return _watched_trigger(HEARTBEAT_AFTER, {beat}, _heartbeat_window_s(every_s))
 
 
 def start_trigger(within_s: float) -> object:
@@ -105,7 +110,7 @@ def ensure_crash_detection() -> None:
     if not every or not url:
         return  # heartbeats off, or a temporary server that ends with this process
     # the key from the windows alone: a trusted check builds no trigger (no Prefect import)
-    windows = f"{2 * max(every, 30) + 10} {_start_s()} {','.join(sorted(HEARTBEAT_AFTER))}"
+    windows = f"{_heartbeat_window_s(every)} {_start_s()} {','.join(sorted(HEARTBEAT_AFTER))}"
     marker, key = _checked_marker(url, windows)
     if _recently_checked(marker, key):
         return
